@@ -1,0 +1,167 @@
+{{/* Chart name, truncated to 63 characters. */}}
+{{- define "imm-router.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart> unless the release name already contains the chart name. */}}
+{{- define "imm-router.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "imm-router.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "imm-router.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "imm-router.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "imm-router.labels" -}}
+helm.sh/chart: {{ include "imm-router.chart" . }}
+{{ include "imm-router.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{- define "imm-router.serviceAccountName" -}}
+{{- if .Values.serviceAccount.enabled }}
+{{- default (include "imm-router.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "imm-router.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Paths inside the container. The config lives in its own directory so that the rules and
+templates volumes are siblings of it, never mounted inside another ConfigMap volume. */}}
+{{- define "imm-router.configDir" -}}/etc/imm-router/config{{- end }}
+{{- define "imm-router.configPath" -}}/etc/imm-router/config/router.yaml{{- end }}
+{{- define "imm-router.rulesDir" -}}/etc/imm-router/rules{{- end }}
+{{- define "imm-router.templatesDir" -}}/etc/imm-router/templates{{- end }}
+{{- define "imm-router.kafkaCaDir" -}}/etc/imm-router/kafka-ca{{- end }}
+
+{{/* terminationGracePeriodSeconds: the router's drain deadline plus a margin. */}}
+{{- define "imm-router.terminationGracePeriodSeconds" -}}
+{{- add (int .Values.router.drainTimeoutSeconds) (int .Values.router.terminationGraceMarginSeconds) }}
+{{- end }}
+
+{{/* Fail early on combinations that cannot work. */}}
+{{- define "imm-router.validate" -}}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: KEDA manages its own HorizontalPodAutoscaler. Enable only one of them." }}
+{{- end }}
+{{- if and .Values.kafka.sasl.enabled (not (hasPrefix "SASL_" .Values.kafka.securityProtocol)) }}
+{{- fail "kafka.sasl.enabled requires kafka.securityProtocol SASL_PLAINTEXT or SASL_SSL." }}
+{{- end }}
+{{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.enabled) }}
+{{- fail "kafka.securityProtocol SASL_* requires kafka.sasl.enabled=true (credentials come from existingSecret)." }}
+{{- end }}
+{{- end }}
+
+{{/* The kafka: section of router.yaml. */}}
+{{- define "imm-router.kafkaConfig" -}}
+{{- $k := .Values.kafka }}
+{{- $out := dict "bootstrap_servers" $k.bootstrapServers "topics" $k.topics "group_id" $k.groupId "security_protocol" $k.securityProtocol }}
+{{- if $k.deadLetterTopic }}
+{{- $_ := set $out "dead_letter_topic" $k.deadLetterTopic }}
+{{- end }}
+{{- if $k.sasl.enabled }}
+{{- $_ := set $out "sasl_mechanism" $k.sasl.mechanism }}
+{{- $_ := set $out "sasl_username" (printf "${%s}" $k.sasl.usernameEnv) }}
+{{- $_ := set $out "sasl_password" (printf "${%s}" $k.sasl.passwordEnv) }}
+{{- end }}
+{{- if $k.tls.caSecret }}
+{{- $_ := set $out "ssl_cafile" (printf "%s/%s" (include "imm-router.kafkaCaDir" .) $k.tls.caKey) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* router.yaml: the free-form `config` block with the chart-managed settings merged over it. */}}
+{{- define "imm-router.config" -}}
+{{- $managed := dict
+  "rules_dir" (include "imm-router.rulesDir" .)
+  "templates_dir" (include "imm-router.templatesDir" .)
+  "timezone" .Values.router.timezone
+  "log_level" .Values.router.logLevel
+  "http" (dict "host" "0.0.0.0" "port" (int .Values.router.httpPort))
+  "service" (dict "drain_timeout_seconds" (int .Values.router.drainTimeoutSeconds))
+  "channels" (.Values.channels | default dict)
+  "kafka" (include "imm-router.kafkaConfig" . | fromJson)
+}}
+{{- $config := mustMergeOverwrite (deepCopy (.Values.config | default dict)) $managed }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+The files of one set ("rules" or "templates") as JSON (lossless for file contents, unlike a YAML
+round trip which drops the last file's trailing newline): a map of relative path -> content:
+`files` from values, else (or also, with includeBundled) the chart's bundled files/<set>/.
+Call with (dict "root" $ "set" "rules").
+*/}}
+{{- define "imm-router.fileSet" -}}
+{{- $root := .root }}
+{{- $v := index $root.Values .set }}
+{{- $out := dict }}
+{{- if or (empty $v.files) $v.includeBundled }}
+{{- $prefix := printf "files/%s/" .set }}
+{{- range $path, $_ := $root.Files.Glob (printf "%s**" $prefix) }}
+{{- $_ := set $out (trimPrefix $prefix $path) ($root.Files.Get $path) }}
+{{- end }}
+{{- end }}
+{{- range $path, $content := $v.files }}
+{{- if not (kindIs "string" $content) }}
+{{- fail (printf "%s.files.%s must be the file's content as a string" $.set $path) }}
+{{- end }}
+{{- $_ := set $out $path $content }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* ConfigMap keys cannot contain "/": "dingtalk/x.md.j2" is stored as "dingtalk__x.md.j2". */}}
+{{- define "imm-router.fileKey" -}}
+{{- . | replace "/" "__" }}
+{{- end }}
+
+{{/* The volume for one file set: an existing ConfigMap, or the chart's with key->path items. */}}
+{{- define "imm-router.fileSetVolume" -}}
+{{- $root := .root }}
+{{- $v := index $root.Values .set -}}
+- name: {{ .set }}
+  configMap:
+  {{- if $v.existingConfigMap }}
+    name: {{ $v.existingConfigMap }}
+    {{- with $v.existingConfigMapItems }}
+    items:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- else }}
+    name: {{ include "imm-router.fullname" $root }}-{{ .set }}
+    {{- $files := include "imm-router.fileSet" . | fromJson }}
+    {{- if $files }}
+    items:
+      {{- range $path := keys $files | sortAlpha }}
+      - key: {{ include "imm-router.fileKey" $path | quote }}
+        path: {{ $path | quote }}
+      {{- end }}
+    {{- end }}
+  {{- end }}
+{{- end }}

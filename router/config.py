@@ -1,0 +1,127 @@
+"""The router's configuration: a YAML file (``--config``) with ``ROUTER_`` environment overrides."""
+
+from __future__ import annotations
+
+import zoneinfo
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from router.channels.base import Frozen
+from router.channels.dingtalk import DingTalkConfig
+from router.channels.email import EmailConfig
+from router.channels.kafka import KafkaChannelConfig
+from router.channels.webhook import WebhookConfig
+from router.errors import ConfigError
+from router.opsfile import describe_errors, expand_env, load_yaml
+
+ChannelConfig = Annotated[
+    EmailConfig | DingTalkConfig | KafkaChannelConfig | WebhookConfig, Field(discriminator="type")
+]
+
+
+class KafkaSettings(Frozen):
+    bootstrap_servers: str = "localhost:9092"
+    topics: tuple[str, ...] = ("imm-events",)
+    group_id: str = "imm-router"
+    dead_letter_topic: str = "imm-router-dlq"
+    client_id: str = "imm-router"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password")
+        return self
+
+
+class ServiceSettings(Frozen):
+    drain_timeout_seconds: float = Field(default=25.0, gt=0, description="SIGTERM: finish in-flight work")
+    max_in_flight: int = Field(default=2_000, ge=1, description="records being routed, all partitions")
+    max_in_flight_per_partition: int = Field(default=500, ge=1)
+    commit_interval_seconds: float = Field(default=1.0, gt=0)
+    commit_every_records: int = Field(default=1_000, ge=1)
+    dedup_ttl_seconds: float = Field(default=3_600.0, ge=0, description="0 turns duplicate suppression off")
+    dedup_max_entries: int = Field(default=200_000, ge=1)
+
+
+class HttpSettings(Frozen):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, lt=65536, description="/metrics, /healthz, /readyz; 0 = any")
+    enabled: bool = True
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ROUTER_", env_nested_delimiter="__", extra="forbid", frozen=True, populate_by_name=True
+    )
+
+    rules_dir: Path = Path("rules")
+    templates_dir: Path = Path("templates")
+    timezone: str = "UTC"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_event_bytes: int = Field(default=1_048_576, gt=0)
+    max_event_depth: int = Field(default=64, gt=0)
+    channels: dict[str, ChannelConfig] = Field(default_factory=dict)
+    kafka: KafkaSettings = KafkaSettings()
+    service: ServiceSettings = ServiceSettings()
+    http: HttpSettings = HttpSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name like Asia/Shanghai") from exc
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which is handed in as init data.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read the config file, expand ``${VAR}``, apply ``ROUTER_`` overrides, validate.
+
+    Relative rules/templates directories are taken relative to the config file."""
+    if not path.is_file():
+        raise ConfigError("config file not found; pass --config PATH", path=str(path))
+    doc: Any = expand_env(load_yaml(path), path)
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("the config must be a mapping of keys (rules_dir, channels, kafka, …)", path=str(path))
+    try:
+        # Constructing (not model_validate) so the ROUTER_ environment source applies.
+        settings = Settings(**doc)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, doc, path)) from exc
+    base = path.parent
+    return settings.model_copy(
+        update={
+            "rules_dir": base / settings.rules_dir,
+            "templates_dir": base / settings.templates_dir,
+        }
+    )

@@ -1,0 +1,220 @@
+"""One normalized view of IMM payloads, whose fields differ across event types.
+
+Rules reach it as ``imm`` (``imm.outcome == 'failed'``) and templates as ``{{ imm.project }}``.
+Every key is always present (``None`` / ``[]`` when the payload lacks it). See README "The imm view".
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+# Event types as EventBridge names them; the MNS document names some tasks differently.
+TASK_ALIASES = {
+    "FaceClustering": "FigureClustering",
+    "FaceClusterMerging": "FigureClustersMerging",
+    "PointCloudCompress": "PointCloudCompression",
+    "CompressPointCloud": "PointCloudCompression",
+}
+KNOWN_TASKS = frozenset({
+    "FigureClustering", "FigureClustersMerging", "StoryCreation", "VideoLabelClassification",
+    "ImageModeration", "MediaConvert", "OfficeConversion", "VideoModeration", "ImageSplicing",
+    "PointCloudCompression", "ImageToPDF", "FileCompression", "LocationDateClustering",
+    "ArchiveFileInspection", "FileUncompression", "SimilarImageClustering", "AsyncTask", "SyncTask",
+    "FacesSearching", "LiveTranscoding", "DecodeBlindWatermark",
+})  # fmt: skip
+MODERATION_TASKS = frozenset({"ImageModeration", "VideoModeration"})
+FAILED = frozenset({"failed", "failure", "fail", "error"})
+RUNNING = frozenset({"running", "processing", "pending", "queued", "submitted", "created"})
+SUCCEEDED = frozenset({"success", "succeeded", "succeed", "successful", "finished", "ok", "completed"})
+_FILE_ERROR_CODE = re.compile(r"^\[([A-Za-z0-9_.]+)\]")
+_REGION = re.compile(r"^acs[.:]imm:([a-z0-9-]+):")
+
+
+def canonical_task(task_type: str) -> str:
+    """``TaskTypeFigureClustering`` / ``TaskImageModeration`` / ``FaceClustering`` → EventBridge's name."""
+    name = task_type
+    for prefix in ("TaskType", "Task"):
+        if name.startswith(prefix) and name[len(prefix):] in KNOWN_TASKS | TASK_ALIASES.keys():
+            name = name[len(prefix):]
+            break
+    return TASK_ALIASES.get(name, name)
+
+
+def canonical_type(event_type: str) -> str:
+    if event_type.startswith("imm:Task:"):
+        return "imm:Task:" + canonical_task(event_type[len("imm:Task:"):])
+    return event_type
+
+
+def infer_type(data: dict[str, Any]) -> str:
+    """The event type of a bare payload, from TaskType or its shape; ``imm:Unknown`` when neither tells."""
+    task_type = data.get("TaskType")
+    if isinstance(task_type, str) and task_type:
+        return "imm:Task:" + canonical_task(task_type)
+    if isinstance(data.get("Statistic"), dict):
+        ident = str(data.get("Id", ""))
+        return "imm:Trigger:Notification" if ident.startswith("trigger") else "imm:Batch:Notification"
+    if "Marker" in data or ("State" in data and "TaskId" in data):
+        return "imm:Binding:Task"
+    if isinstance(data.get("Files"), list):
+        return "imm:FileMeta:Index" if len(data["Files"]) <= 1 else "imm:FileMeta:BatchIndex"
+    return "imm:Unknown"
+
+
+def parse_time(value: Any) -> datetime:
+    """RFC 3339 (nanoseconds and ``Z`` too) → aware datetime; naive times are UTC; unparseable → now."""
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None:
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return datetime.now(UTC)
+
+
+def _str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _bad_code(code: Any) -> bool:
+    text = _str(code)
+    return text is not None and text != "200"
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _iso(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def failure_reasons(data: dict[str, Any]) -> list[str]:
+    """Why a payload counts as failed; empty when it does not."""
+    reasons = []
+    status, state = _str(data.get("Status")), _str(data.get("State"))
+    if status and status.lower() in FAILED:
+        reasons.append(f"Status={status}")
+    if data.get("Success") is False or (isinstance(data.get("Success"), str) and data["Success"].lower() == "false"):
+        reasons.append("Success=false")
+    if _bad_code(data.get("Code")):
+        reasons.append(f"Code={data['Code']}")
+    if state and state.lower() in FAILED:
+        reasons.append(f"State={state}")
+    if _str(data.get("Error")):
+        reasons.append("Error set")
+    statistic = data.get("Statistic")
+    if isinstance(statistic, dict):
+        failures = statistic.get("SubmitFailure")
+        if isinstance(failures, int | float) and not isinstance(failures, bool) and failures > 0:
+            reasons.append(f"SubmitFailure={failures}")
+    bad_files = sum(1 for f in _dicts(data.get("Files")) if _str(f.get("Error")))
+    if bad_files:
+        reasons.append(f"{bad_files} file error(s)")
+    bad_targets = sum(1 for t in _dicts(data.get("Targets")) if _bad_code(t.get("Code")))
+    if bad_targets:
+        reasons.append(f"{bad_targets} target error(s)")
+    return reasons
+
+
+def outcome(data: dict[str, Any], reasons: list[str]) -> str:
+    if reasons:
+        return "failed"
+    status = (_str(data.get("Status")) or _str(data.get("State")) or "").lower()
+    if status in RUNNING:
+        return "running"
+    if status in SUCCEEDED or data.get("Success") is True:
+        return "succeeded"
+    return "unknown"
+
+
+def _error(data: dict[str, Any]) -> tuple[str | None, str | None]:
+    files = [f for f in _dicts(data.get("Files")) if _str(f.get("Error"))]
+    targets = [t for t in _dicts(data.get("Targets")) if _bad_code(t.get("Code"))]
+    code = _str(data.get("Code")) if _bad_code(data.get("Code")) else None
+    if code is None and targets:
+        code = _str(targets[0].get("Code"))
+    if code is None and files:
+        error = str(files[0]["Error"])
+        match = _FILE_ERROR_CODE.match(error)
+        code = match.group(1) if match else (error if " " not in error else None)
+    message = (
+        _str(data.get("Message")) if not (_str(data.get("Message")) or "").lower() in SUCCEEDED else None
+    ) or _str(data.get("Error"))
+    if message is None and files:
+        message = _str(files[0].get("Error"))
+    if message is None and targets:
+        message = _str(targets[0].get("Message"))
+    return code, message
+
+
+def _uris(data: dict[str, Any]) -> list[str]:
+    found = [data.get("URI")]
+    for key in ("Files", "Sources", "Targets"):
+        found.extend(item.get("URI") for item in _dicts(data.get(key)))
+    return list(dict.fromkeys(u for u in found if isinstance(u, str) and u))
+
+
+def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> dict[str, Any]:
+    reasons = failure_reasons(data)
+    result = outcome(data, reasons)
+    start, end = _iso(data.get("StartTime") or data.get("CreateTime")), _iso(
+        data.get("EndTime") or data.get("UpdateTime")
+    )
+    task_type_raw = _str(data.get("TaskType"))
+    task_type = canonical_task(task_type_raw) if task_type_raw else (
+        event_type.split(":")[-1] if event_type.startswith("imm:Task:") else None
+    )
+    code, message = _error(data) if reasons else (None, None)
+    suggestion = _str(data.get("Suggestion"))
+    frames = data.get("Frames")
+    moderation = None
+    if suggestion is not None or task_type in MODERATION_TASKS:
+        moderation = {
+            "suggestion": suggestion.lower() if suggestion else None,
+            "categories": [c for c in data.get("Categories") or [] if isinstance(c, str)]
+            if isinstance(data.get("Categories"), list) else [],
+            "block_frames": _dicts(frames.get("BlockFrames")) if isinstance(frames, dict) else [],
+        }
+    uris = _uris(data)
+    region = _str(envelope.get("aliyunregionid"))
+    if region is None:
+        match = _REGION.match(_str(envelope.get("subject")) or "")
+        region = match.group(1) if match else None
+    return {
+        "outcome": result,
+        "failed": result == "failed",
+        "failure_reasons": reasons,
+        "status": _str(data.get("Status")) or _str(data.get("State")),
+        "project": _str(data.get("ProjectName")) or _str(data.get("Project")),
+        "dataset": _str(data.get("DatasetName")) or _str(data.get("Dataset")),
+        "task_id": _str(data.get("TaskId")) or _str(data.get("Id")) or _str(data.get("JobId")),
+        "task_type": task_type,
+        "request_id": _str(data.get("RequestId")),
+        "start_time": start.isoformat() if start else None,
+        "end_time": end.isoformat() if end else None,
+        "duration_seconds": (end - start).total_seconds() if start and end else None,
+        "uri": uris[0] if uris else None,
+        "uris": uris,
+        "error_code": code,
+        "error_message": message,
+        "failed_files": [
+            {"uri": _str(f.get("URI")), "error": _str(f.get("Error"))}
+            for f in _dicts(data.get("Files")) if _str(f.get("Error"))
+        ],
+        "moderation": moderation,
+        "user_data": _str(data.get("UserData")),
+        "event_source_id": _str(data.get("EventSourceId")),
+        "region": region,
+    }

@@ -1,0 +1,201 @@
+"""Templates: every file under templates_dir compiled at load in Jinja's sandbox.
+
+One template file renders every part its channel needs as named blocks (``{% block subject %}``):
+email: subject, text, html; DingTalk: title, text, button_title, button_url; Kafka: key, value;
+webhook: body. The html block is rendered with HTML autoescaping, the others as plain text.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
+from jinja2.runtime import Context
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from router.channels.base import ChannelConfigBase
+from router.errors import ConfigError, RenderError
+
+TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2")
+SEVERITY_ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
+
+
+def humanize_duration(seconds: Any) -> str:
+    """850 ms, 42s, 3m 5s, 2h 1m, 3d 4h."""
+    if seconds is None:
+        return ""
+    try:
+        total = float(seconds)
+    except (TypeError, ValueError):
+        return str(seconds)
+    if total < 1:
+        return f"{round(total * 1000)} ms"
+    whole = int(total)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    units = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [f"{n}{u}" for n, u in units if n][:2]
+    return " ".join(shown) or "0s"
+
+
+def oss_console_url(uri: Any, region: Any = None) -> str:
+    """``oss://bucket/key`` → the OSS console page of that object (the URI itself if it is not OSS)."""
+    if not isinstance(uri, str) or not uri.startswith("oss://"):
+        return "" if uri is None else str(uri)
+    bucket, _, key = uri[len("oss://"):].partition("/")
+    region_part = f"oss-{region}" if region else "oss-cn-hangzhou"
+    return f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket)}/object?path={quote(key, safe='')}"
+
+
+def to_json(value: Any, indent: bool = False) -> str:
+    """JSON with UTF-8 kept as is (Chinese stays readable)."""
+    option = orjson.OPT_INDENT_2 if indent else 0
+    return orjson.dumps(value, option=option | orjson.OPT_NON_STR_KEYS, default=str).decode()
+
+
+def clip(value: Any, length: int = 200, marker: str = "…") -> str:
+    """Hard truncation to ``length`` characters with a visible marker."""
+    text = "" if value is None else str(value)
+    return text if len(text) <= length else text[: max(0, length - len(marker))] + marker
+
+
+class TemplateSet:
+    """Every template compiled twice (plain text and HTML-autoescaped) at load; nothing parses per event."""
+
+    def __init__(self, templates_dir: Path, timezone: str = "UTC") -> None:
+        if not templates_dir.is_dir():
+            raise ConfigError("templates directory not found; set templates_dir in the config",
+                              path=str(templates_dir))
+        self.dir = templates_dir
+        self.zone = zoneinfo.ZoneInfo(timezone)
+        self.text_env = self._env(autoescape=False)
+        self.html_env = self._env(autoescape=True)
+        # name → the template and its ancestors (``{% extends %}``), child first.
+        self.text: dict[str, list[Template]] = {}
+        self.html: dict[str, list[Template]] = {}
+        problems = []
+        for name in self.names():
+            try:
+                self.text[name] = self._chain(self.text_env, name)
+                self.html[name] = self._chain(self.html_env, name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            except TemplateSyntaxError as exc:
+                problems.append(str(ConfigError(
+                    f"template syntax error: {exc.message}; fix the template",
+                    path=str(Path(exc.filename or templates_dir / name)), line=exc.lineno,
+                )))
+            except TemplateError as exc:
+                problems.append(str(ConfigError(f"template error: {exc}", path=str(templates_dir / name))))
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.relative_to(self.dir).as_posix()
+            for p in self.dir.rglob("*")
+            if p.suffix in TEMPLATE_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(self.dir).parts)
+        )
+
+    def _chain(self, env: ImmutableSandboxedEnvironment, name: str) -> list[Template]:
+        chain: list[Template] = []
+        current: str | None = name
+        while current is not None:
+            if len(chain) > 20 or current in (t.name for t in chain):
+                raise ConfigError("templates extend each other in a loop; break the cycle",
+                                  path=str(self.dir / name))
+            chain.append(env.get_template(current))
+            source = env.loader.get_source(env, current)[0] if env.loader else ""
+            extends = list(env.parse(source).find_all(nodes.Extends))
+            if not extends:
+                current = None
+            elif isinstance(extends[0].template, nodes.Const) and isinstance(extends[0].template.value, str):
+                current = extends[0].template.value
+            else:
+                raise ConfigError("{% extends %} must name its parent template as a literal string",
+                                  path=str(self.dir / current), line=extends[0].lineno)
+        return chain
+
+    def _env(self, *, autoescape: bool) -> ImmutableSandboxedEnvironment:
+        env = ImmutableSandboxedEnvironment(
+            loader=FileSystemLoader(str(self.dir)),
+            undefined=StrictUndefined,
+            autoescape=autoescape,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+            finalize=lambda v: "" if v is None else v,
+        )
+        env.filters.update(
+            localtime=self.localtime,
+            duration=humanize_duration,
+            oss_console=oss_console_url,
+            json=to_json,
+            clip=clip,
+        )
+        env.globals.update(severity_icon=SEVERITY_ICON)
+        return env
+
+    def localtime(self, value: Any, fmt: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
+        """A datetime or ISO string shown in the configured time zone."""
+        if value is None or value == "":
+            return ""
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value)
+            except ValueError:
+                return value
+        if not isinstance(value, datetime):
+            return str(value)
+        return value.astimezone(self.zone).strftime(fmt)
+
+    def blocks(self, name: str) -> frozenset[str]:
+        return frozenset(block for template in self.text[name] for block in template.blocks)
+
+    def check_for(self, name: str, channel: ChannelConfigBase) -> str | None:
+        """A problem with using template ``name`` for ``channel``, or None."""
+        if name not in self.text:
+            return f"template {name!r} not found under {self.dir}; check the path (relative to templates_dir)"
+        missing = [b for b in channel.required_blocks if b not in self.blocks(name)]
+        if missing:
+            return (
+                f"template {name!r} has no block {', '.join(missing)} which a "
+                f"{getattr(channel, 'type', '')} channel needs; add {{% block {missing[0]} %}}…{{% endblock %}}"
+            )
+        return None
+
+    def render_parts(self, name: str, wanted: tuple[str, ...], context: Mapping[str, Any]) -> dict[str, str]:
+        """Render the named blocks that the template defines."""
+        parts: dict[str, str] = {}
+        contexts: dict[bool, Context] = {}
+        for block in wanted:
+            html = block == "html"
+            if html not in contexts:
+                contexts[html] = self._context((self.html if html else self.text)[name], context)
+            stack = contexts[html].blocks.get(block)
+            if not stack:
+                continue
+            try:
+                parts[block] = "".join(stack[0](contexts[html])).strip()
+            except TemplateError as exc:
+                raise RenderError(f"template {name!r} block {block!r}: {exc}") from exc
+            except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+                raise RenderError(f"template {name!r} block {block!r}: {type(exc).__name__}: {exc}") from exc
+        return parts
+
+    @staticmethod
+    def _context(chain: list[Template], variables: Mapping[str, Any]) -> Context:
+        """A render context whose block stacks span the whole ``extends`` chain (for super/self)."""
+        context = chain[0].new_context(dict(variables))
+        for ancestor in chain[1:]:
+            for block, render in ancestor.blocks.items():
+                context.blocks.setdefault(block, []).append(render)
+        return context

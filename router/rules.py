@@ -1,0 +1,331 @@
+"""Rules: YAML files of JMESPath conditions, compiled once and indexed so an event meets only the
+rules that can match it.
+
+Two indexes, both built at load:
+- by event type: exact types and shell globs are resolved once per distinct type seen, then cached;
+- by equality: a ``when`` that implies ``path == 'literal'`` (alone, under ``&&``, as an ``||`` of
+  such tests on one path, or ``contains([...], path)``) is filed under that path and literal. An
+  event evaluates each indexed path once and looks the value up, so 1,000 per-project rules cost
+  about what 10 do. Rules with no such test are evaluated for every event of their types.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jmespath
+from jmespath import functions
+from jmespath.exceptions import JMESPathError, ParseError
+from jmespath.visitor import Options, TreeInterpreter
+from pydantic import Field, field_validator
+
+from router.channels.base import Frozen
+from router.decode import Event
+from router.errors import ConfigError
+from router.opsfile import LineDict, LineList, load_yaml, validate
+
+log = logging.getLogger(__name__)
+
+_TYPE_CACHE_MAX = 4_096
+
+
+class Notify(Frozen):
+    channel: str = Field(min_length=1)
+    template: str = Field(min_length=1)
+
+
+class RuleSpec(Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str = ""
+    events: tuple[str, ...] | None = None
+    when: str = Field(min_length=1)
+    severity: Literal["critical", "warning", "info"] = "warning"
+    notify: tuple[Notify, ...] = Field(min_length=1)
+    labels: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+
+    @field_validator("events")
+    @classmethod
+    def _non_empty(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or any(not p for p in value)):
+            raise ValueError("events must list one or more type patterns, e.g. ['imm:Task:*']; omit it for all")
+        return value
+
+
+class RuleFile(Frozen):
+    rules: tuple[RuleSpec, ...] = ()
+
+
+class _Functions(functions.Functions):
+    """Extra JMESPath functions for rule authors (documented in the README)."""
+
+    @functions.signature({"types": ["string", "null"]})
+    def _func_lower(self, s: str | None) -> str | None:
+        return s.lower() if s is not None else None
+
+    @functions.signature({"types": ["string", "null"]})
+    def _func_upper(self, s: str | None) -> str | None:
+        return s.upper() if s is not None else None
+
+    @functions.signature({"types": ["string"]}, {"types": ["string", "null"]})
+    def _func_glob(self, pattern: str, s: str | None) -> bool:
+        return s is not None and fnmatch.fnmatchcase(s, pattern)
+
+
+JMESPATH_OPTIONS = Options(custom_functions=_Functions())
+
+
+def truthy(value: Any) -> bool:
+    """JMESPath truthiness: false, null, "", [], {} are false; everything else (0 too) is true."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | list | dict):
+        return len(value) > 0
+    return True
+
+
+@dataclass(eq=False)
+class Rule:
+    spec: RuleSpec
+    order: int
+    path: Path
+    line: int
+    expression: Any  # jmespath ParsedResult
+    errors: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def applies_to(self, event_type: str) -> bool:
+        patterns = self.spec.events
+        return patterns is None or any(fnmatch.fnmatchcase(event_type, p) for p in patterns)
+
+
+# --- equality index -------------------------------------------------------------------------
+
+PathKey = tuple[str, ...]
+
+
+def _field_path(node: dict[str, Any]) -> PathKey | None:
+    if node["type"] == "field":
+        return (node["value"],)
+    if node["type"] == "subexpression":
+        keys: list[str] = []
+        for child in node["children"]:
+            sub = _field_path(child)
+            if sub is None:
+                return None
+            keys.extend(sub)
+        return tuple(keys)
+    return None
+
+
+def _string_literal(node: dict[str, Any]) -> str | None:
+    return node["value"] if node["type"] == "literal" and isinstance(node["value"], str) else None
+
+
+def implied_values(node: dict[str, Any]) -> dict[PathKey, frozenset[str]]:
+    """Paths whose value must be one of a set of strings for ``node`` to be true."""
+    kind = node["type"]
+    if kind == "comparator" and node["value"] == "eq":
+        left, right = node["children"]
+        for path_node, lit_node in ((left, right), (right, left)):
+            path, literal = _field_path(path_node), _string_literal(lit_node)
+            if path is not None and literal is not None:
+                return {path: frozenset({literal})}
+        return {}
+    if kind == "and_expression":
+        merged: dict[PathKey, frozenset[str]] = {}
+        for child in node["children"]:
+            for path, values in implied_values(child).items():
+                merged[path] = merged[path] & values if path in merged else values
+        return merged
+    if kind == "or_expression":
+        left, right = (implied_values(c) for c in node["children"])
+        return {p: left[p] | right[p] for p in left.keys() & right.keys()}
+    if kind == "function_expression" and node["value"] == "contains" and len(node["children"]) == 2:
+        haystack, needle = node["children"]
+        path = _field_path(needle)
+        if path is not None and haystack["type"] in ("multi_select_list", "literal"):
+            items = haystack["children"] if haystack["type"] == "multi_select_list" else None
+            values = [_string_literal(c) for c in items] if items is not None else haystack["value"]
+            if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+                return {path: frozenset(values)}
+    return {}
+
+
+def _getter(path: PathKey) -> Callable[[dict[str, Any]], Any]:
+    def get(root: dict[str, Any]) -> Any:
+        value: Any = root
+        for key in path:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
+
+    return get
+
+
+@dataclass
+class _Plan:
+    """The rules one event type can meet, split into always-evaluated and indexed ones."""
+
+    always: list[Rule]
+    indexed: list[tuple[Callable[[dict[str, Any]], Any], dict[str, list[Rule]]]]
+
+    def candidates(self, root: dict[str, Any]) -> list[Rule]:
+        found = list(self.always)
+        for get, table in self.indexed:
+            value = get(root)
+            if isinstance(value, str):
+                hit = table.get(value)
+                if hit:
+                    found.extend(hit)
+        if len(found) > 1 and self.indexed:
+            found.sort(key=lambda r: r.order)
+        return found
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule]
+    _plans: dict[str, _Plan] = field(default_factory=dict)
+    _implied: dict[int, dict[PathKey, frozenset[str]]] = field(default_factory=dict)
+    _interpreter: TreeInterpreter = field(default_factory=lambda: TreeInterpreter(JMESPATH_OPTIONS))
+
+    def __post_init__(self) -> None:
+        self._implied = {id(r): implied_values(r.expression.parsed) for r in self.rules}
+
+    def plan(self, event_type: str) -> _Plan:
+        plan = self._plans.get(event_type)
+        if plan is None:
+            if len(self._plans) >= _TYPE_CACHE_MAX:
+                self._plans.clear()  # bounded: odd types can't grow memory
+            plan = self._plans[event_type] = self._build_plan([r for r in self.rules if r.applies_to(event_type)])
+        return plan
+
+    def _build_plan(self, rules: list[Rule]) -> _Plan:
+        # File each rule under its most selective path: the one with the most distinct literals.
+        distinct: dict[PathKey, set[str]] = defaultdict(set)
+        for rule in rules:
+            for path, values in self._implied[id(rule)].items():
+                distinct[path] |= values
+        always: list[Rule] = []
+        tables: dict[PathKey, dict[str, list[Rule]]] = defaultdict(lambda: defaultdict(list))
+        for rule in rules:
+            implied = self._implied[id(rule)]
+            if not implied:
+                always.append(rule)
+                continue
+            path = max(implied, key=lambda p: len(distinct[p]))
+            for value in implied[path]:
+                tables[path][value].append(rule)
+        return _Plan(always, [(_getter(p), dict(t)) for p, t in tables.items()])
+
+    def match(self, event: Event, root: dict[str, Any]) -> list[Rule]:
+        """Every rule whose types and condition match. A rule that errors does not match."""
+        matched = []
+        visit = self._interpreter.visit
+        for rule in self.plan(event.type).candidates(root):
+            try:
+                if truthy(visit(rule.expression.parsed, root)):
+                    matched.append(rule)
+            except (JMESPathError, TypeError, ValueError, RecursionError) as exc:
+                rule.errors += 1
+                if rule.errors == 1:
+                    log.warning(
+                        "rule %s (%s:%d) failed on event %s and is treated as not matching: %s",
+                        rule.name, rule.path, rule.line, event.id, exc,
+                    )
+        return matched
+
+
+def rule_root(event: Event) -> dict[str, Any]:
+    """The document a rule's ``when`` sees: the IMM payload plus the reserved keys ``imm`` and ``event``."""
+    return {**event.data, "imm": event.view, "event": event.event_doc()}
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _compile(spec: RuleSpec, path: Path, line: int) -> Any:
+    try:
+        return jmespath.compile(spec.when)
+    except ParseError as exc:
+        pointer = " " * (exc.lex_position or 0) + "^"
+        raise ConfigError(
+            f"rule {spec.name!r}: `when` is not valid JMESPath ({exc.msg}):\n    {spec.when}\n    {pointer}\n"
+            "fix the expression (string literals take single quotes: Status == 'Failed')",
+            path=str(path), line=line,
+        ) from None
+    except JMESPathError as exc:
+        raise ConfigError(f"rule {spec.name!r}: `when` is not valid JMESPath: {exc}", path=str(path),
+                          line=line) from None
+
+
+def rule_files(rules_dir: Path) -> list[Path]:
+    if not rules_dir.is_dir():
+        raise ConfigError("rules directory not found; set rules_dir in the config", path=str(rules_dir))
+    # Kubernetes ConfigMap mounts keep old copies under ..<timestamp> directories: skip dot-dirs.
+    return sorted(
+        p for p in rules_dir.rglob("*")
+        if p.suffix in (".yaml", ".yml") and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(rules_dir).parts)
+    )
+
+
+def load_rules(
+    rules_dir: Path,
+    check_notify: Callable[[Notify], str | None] = lambda n: None,
+) -> RuleSet:
+    """Load and compile every rule file. ``check_notify`` returns a problem with a notify entry, if any."""
+    problems: list[str] = []
+    rules: list[Rule] = []
+    first_seen: dict[str, tuple[Path, int]] = {}
+    for path in rule_files(rules_dir):
+        try:
+            doc = load_yaml(path)
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise ConfigError("a rule file is a mapping with a `rules:` list", path=str(path), line=1)
+            parsed = validate(RuleFile, doc, path)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        items = doc.get("rules") or LineList()
+        for i, spec in enumerate(parsed.rules):
+            node = items[i]
+            line = node.line if isinstance(node, LineDict) else 1
+            if spec.name in first_seen:
+                seen_path, seen_line = first_seen[spec.name]
+                problems.append(
+                    f"{path}:{line}: rule name {spec.name!r} is already used at {seen_path}:{seen_line}; "
+                    "rule names must be unique"
+                )
+                continue
+            first_seen[spec.name] = (path, line)
+            when_line = node.key_lines.get("when", line) if isinstance(node, LineDict) else line
+            try:
+                expression = _compile(spec, path, when_line)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
+            notify_node = node.get("notify") if isinstance(node, LineDict) else None
+            for j, target in enumerate(spec.notify):
+                problem = check_notify(target)
+                if problem:
+                    at = notify_node.item_lines[j] if isinstance(notify_node, LineList) else line
+                    problems.append(f"{path}:{at}: rule {spec.name!r}: {problem}")
+            if spec.enabled:
+                rules.append(Rule(spec, len(rules), path, line, expression))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return RuleSet(rules)
