@@ -15,7 +15,7 @@ import orjson
 from router import __version__
 from router.config import Settings, load_settings
 from router.decode import Event, Limits, decode, decode_object
-from router.engine import Engine, load
+from router.engine import load
 from router.errors import ConfigError, DecodeError, RouterError
 from router.render import TemplateSet
 
@@ -69,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.live:
         from router.delivery.health import check_live
 
-        return asyncio.run(check_live(engine))
+        return int(asyncio.run(check_live(engine)))
     return 0
 
 
@@ -115,7 +115,10 @@ def cmd_render(args: argparse.Namespace) -> int:
             status = 1
             continue
         context: dict[str, Any] = {
-            "event": event.event_doc(), "data": event.data, "imm": event.view, "channel": "render",
+            "event": event.event_doc(),
+            "data": event.data,
+            "imm": event.view,
+            "channel": "render",
             "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
         }
         blocks = tuple(sorted(templates.blocks(args.template)))
@@ -133,8 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from router.service import replay
 
-    return asyncio.run(replay(args.config, source=args.file, match=args.match, dry_run=args.dry_run,
-                              limit=args.limit))
+    return asyncio.run(replay(args.config, source=args.file, match=args.match, dry_run=args.dry_run, limit=args.limit))
 
 
 def parser() -> argparse.ArgumentParser:

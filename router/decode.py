@@ -72,8 +72,9 @@ DEFAULT_LIMITS = Limits()
 _CE_ATTRS = ("id", "source", "type", "subject", "time", "specversion")
 
 
-def decode(value: bytes | str | None, headers: Headers = (), *, limits: Limits = DEFAULT_LIMITS,
-           source: str = "record") -> Event:
+def decode(
+    value: bytes | str | None, headers: Headers = (), *, limits: Limits = DEFAULT_LIMITS, source: str = "record"
+) -> Event:
     """Decode one record. Raises DecodeError naming ``source`` and the problem; never anything else."""
     try:
         return _decode(value, headers, limits)
@@ -138,8 +139,9 @@ def _from_object(obj: Any, *, base64_wrapped: bool) -> Event:
 def _from_cloudevent(obj: dict[str, Any], fmt: WireFormat, wrapped: bool) -> Event:
     if "data_base64" in obj and "data" not in obj:
         try:
-            data = _parse_json(base64.b64decode(str(obj["data_base64"]), validate=True), DEFAULT_LIMITS,
-                               what="data_base64")
+            data = _parse_json(
+                base64.b64decode(str(obj["data_base64"]), validate=True), DEFAULT_LIMITS, what="data_base64"
+            )
         except (binascii.Error, ValueError) as exc:
             raise DecodeError(f"data_base64 is not valid base64: {exc}") from None
     else:
@@ -197,8 +199,16 @@ def _from_payload(data: dict[str, Any], wrapped: bool) -> Event:
     )
 
 
-def _event(*, event_id: str, etype: str, envelope: dict[str, Any], data: dict[str, Any], time: datetime,
-           fmt: WireFormat, wrapped: bool) -> Event:
+def _event(
+    *,
+    event_id: str,
+    etype: str,
+    envelope: dict[str, Any],
+    data: dict[str, Any],
+    time: datetime,
+    fmt: WireFormat,
+    wrapped: bool,
+) -> Event:
     etype = canonical_type(etype)
     return Event(
         id=event_id,

@@ -79,8 +79,14 @@ class Engine:
         template = channel.digest_template or channel.default_digest_template
         context = {
             "alerts": [
-                {"summary": n.summary, "rule": n.rule, "severity": n.severity, "event_id": n.event_id,
-                 "event_type": n.event_type, "imm": n.view}
+                {
+                    "summary": n.summary,
+                    "rule": n.rule,
+                    "severity": n.severity,
+                    "event_id": n.event_id,
+                    "event_type": n.event_type,
+                    "imm": n.view,
+                }
                 for n in alerts
             ],
             "count": len(alerts),
@@ -105,8 +111,7 @@ def summary_line(event: Event, rule: Rule) -> str:
 
 def _rule_doc(rule: Rule) -> dict[str, Any]:
     spec = rule.spec
-    return {"name": spec.name, "description": spec.description, "severity": spec.severity,
-            "labels": spec.labels}
+    return {"name": spec.name, "description": spec.description, "severity": spec.severity, "labels": spec.labels}
 
 
 def build(settings: Settings) -> Engine:

@@ -36,15 +36,15 @@ def canonical_task(task_type: str) -> str:
     """``TaskTypeFigureClustering`` / ``TaskImageModeration`` / ``FaceClustering`` → EventBridge's name."""
     name = task_type
     for prefix in ("TaskType", "Task"):
-        if name.startswith(prefix) and name[len(prefix):] in KNOWN_TASKS | TASK_ALIASES.keys():
-            name = name[len(prefix):]
+        if name.startswith(prefix) and name[len(prefix) :] in KNOWN_TASKS | TASK_ALIASES.keys():
+            name = name[len(prefix) :]
             break
     return TASK_ALIASES.get(name, name)
 
 
 def canonical_type(event_type: str) -> str:
     if event_type.startswith("imm:Task:"):
-        return "imm:Task:" + canonical_task(event_type[len("imm:Task:"):])
+        return "imm:Task:" + canonical_task(event_type[len("imm:Task:") :])
     return event_type
 
 
@@ -150,7 +150,7 @@ def _error(data: dict[str, Any]) -> tuple[str | None, str | None]:
         match = _FILE_ERROR_CODE.match(error)
         code = match.group(1) if match else (error if " " not in error else None)
     message = (
-        _str(data.get("Message")) if not (_str(data.get("Message")) or "").lower() in SUCCEEDED else None
+        _str(data.get("Message")) if (_str(data.get("Message")) or "").lower() not in SUCCEEDED else None
     ) or _str(data.get("Error"))
     if message is None and files:
         message = _str(files[0].get("Error"))
@@ -169,12 +169,15 @@ def _uris(data: dict[str, Any]) -> list[str]:
 def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> dict[str, Any]:
     reasons = failure_reasons(data)
     result = outcome(data, reasons)
-    start, end = _iso(data.get("StartTime") or data.get("CreateTime")), _iso(
-        data.get("EndTime") or data.get("UpdateTime")
+    start, end = (
+        _iso(data.get("StartTime") or data.get("CreateTime")),
+        _iso(data.get("EndTime") or data.get("UpdateTime")),
     )
     task_type_raw = _str(data.get("TaskType"))
-    task_type = canonical_task(task_type_raw) if task_type_raw else (
-        event_type.split(":")[-1] if event_type.startswith("imm:Task:") else None
+    task_type = (
+        canonical_task(task_type_raw)
+        if task_type_raw
+        else (event_type.split(":")[-1] if event_type.startswith("imm:Task:") else None)
     )
     code, message = _error(data) if reasons else (None, None)
     suggestion = _str(data.get("Suggestion"))
@@ -184,7 +187,8 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         moderation = {
             "suggestion": suggestion.lower() if suggestion else None,
             "categories": [c for c in data.get("Categories") or [] if isinstance(c, str)]
-            if isinstance(data.get("Categories"), list) else [],
+            if isinstance(data.get("Categories"), list)
+            else [],
             "block_frames": _dicts(frames.get("BlockFrames")) if isinstance(frames, dict) else [],
         }
     uris = _uris(data)
@@ -211,7 +215,8 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         "error_message": message,
         "failed_files": [
             {"uri": _str(f.get("URI")), "error": _str(f.get("Error"))}
-            for f in _dicts(data.get("Files")) if _str(f.get("Error"))
+            for f in _dicts(data.get("Files"))
+            if _str(f.get("Error"))
         ],
         "moderation": moderation,
         "user_data": _str(data.get("UserData")),

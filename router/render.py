@@ -49,7 +49,7 @@ def oss_console_url(uri: Any, region: Any = None) -> str:
     """``oss://bucket/key`` → the OSS console page of that object (the URI itself if it is not OSS)."""
     if not isinstance(uri, str) or not uri.startswith("oss://"):
         return "" if uri is None else str(uri)
-    bucket, _, key = uri[len("oss://"):].partition("/")
+    bucket, _, key = uri[len("oss://") :].partition("/")
     region_part = f"oss-{region}" if region else "oss-cn-hangzhou"
     return f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket)}/object?path={quote(key, safe='')}"
 
@@ -71,8 +71,7 @@ class TemplateSet:
 
     def __init__(self, templates_dir: Path, timezone: str = "UTC") -> None:
         if not templates_dir.is_dir():
-            raise ConfigError("templates directory not found; set templates_dir in the config",
-                              path=str(templates_dir))
+            raise ConfigError("templates directory not found; set templates_dir in the config", path=str(templates_dir))
         self.dir = templates_dir
         self.zone = zoneinfo.ZoneInfo(timezone)
         self.text_env = self._env(autoescape=False)
@@ -88,10 +87,15 @@ class TemplateSet:
             except ConfigError as exc:
                 problems.append(str(exc))
             except TemplateSyntaxError as exc:
-                problems.append(str(ConfigError(
-                    f"template syntax error: {exc.message}; fix the template",
-                    path=str(Path(exc.filename or templates_dir / name)), line=exc.lineno,
-                )))
+                problems.append(
+                    str(
+                        ConfigError(
+                            f"template syntax error: {exc.message}; fix the template",
+                            path=str(Path(exc.filename or templates_dir / name)),
+                            line=exc.lineno,
+                        )
+                    )
+                )
             except TemplateError as exc:
                 problems.append(str(ConfigError(f"template error: {exc}", path=str(templates_dir / name))))
         if problems:
@@ -101,7 +105,8 @@ class TemplateSet:
         return sorted(
             p.relative_to(self.dir).as_posix()
             for p in self.dir.rglob("*")
-            if p.suffix in TEMPLATE_SUFFIXES and p.is_file()
+            if p.suffix in TEMPLATE_SUFFIXES
+            and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(self.dir).parts)
         )
 
@@ -110,8 +115,7 @@ class TemplateSet:
         current: str | None = name
         while current is not None:
             if len(chain) > 20 or current in (t.name for t in chain):
-                raise ConfigError("templates extend each other in a loop; break the cycle",
-                                  path=str(self.dir / name))
+                raise ConfigError("templates extend each other in a loop; break the cycle", path=str(self.dir / name))
             chain.append(env.get_template(current))
             source = env.loader.get_source(env, current)[0] if env.loader else ""
             extends = list(env.parse(source).find_all(nodes.Extends))
@@ -120,8 +124,11 @@ class TemplateSet:
             elif isinstance(extends[0].template, nodes.Const) and isinstance(extends[0].template.value, str):
                 current = extends[0].template.value
             else:
-                raise ConfigError("{% extends %} must name its parent template as a literal string",
-                                  path=str(self.dir / current), line=extends[0].lineno)
+                raise ConfigError(
+                    "{% extends %} must name its parent template as a literal string",
+                    path=str(self.dir / current),
+                    line=extends[0].lineno,
+                )
         return chain
 
     def _env(self, *, autoescape: bool) -> ImmutableSandboxedEnvironment:
@@ -152,10 +159,10 @@ class TemplateSet:
             try:
                 value = datetime.fromisoformat(value)
             except ValueError:
-                return value
+                return str(value)
         if not isinstance(value, datetime):
             return str(value)
-        return value.astimezone(self.zone).strftime(fmt)
+        return str(value.astimezone(self.zone).strftime(fmt))
 
     def blocks(self, name: str) -> frozenset[str]:
         return frozenset(block for template in self.text[name] for block in template.blocks)

@@ -155,9 +155,9 @@ def implied_values(node: dict[str, Any]) -> dict[PathKey, frozenset[str]]:
         path = _field_path(needle)
         if path is not None and haystack["type"] in ("multi_select_list", "literal"):
             items = haystack["children"] if haystack["type"] == "multi_select_list" else None
-            values = [_string_literal(c) for c in items] if items is not None else haystack["value"]
-            if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
-                return {path: frozenset(values)}
+            options: Any = [_string_literal(c) for c in items] if items is not None else haystack["value"]
+            if isinstance(options, list) and options and all(isinstance(v, str) for v in options):
+                return {path: frozenset(options)}
     return {}
 
 
@@ -242,7 +242,11 @@ class RuleSet:
                 if rule.errors == 1:
                     log.warning(
                         "rule %s (%s:%d) failed on event %s and is treated as not matching: %s",
-                        rule.name, rule.path, rule.line, event.id, exc,
+                        rule.name,
+                        rule.path,
+                        rule.line,
+                        event.id,
+                        exc,
                     )
         return matched
 
@@ -263,11 +267,13 @@ def _compile(spec: RuleSpec, path: Path, line: int) -> Any:
         raise ConfigError(
             f"rule {spec.name!r}: `when` is not valid JMESPath ({exc.msg}):\n    {spec.when}\n    {pointer}\n"
             "fix the expression (string literals take single quotes: Status == 'Failed')",
-            path=str(path), line=line,
+            path=str(path),
+            line=line,
         ) from None
     except JMESPathError as exc:
-        raise ConfigError(f"rule {spec.name!r}: `when` is not valid JMESPath: {exc}", path=str(path),
-                          line=line) from None
+        raise ConfigError(
+            f"rule {spec.name!r}: `when` is not valid JMESPath: {exc}", path=str(path), line=line
+        ) from None
 
 
 def rule_files(rules_dir: Path) -> list[Path]:
@@ -275,8 +281,10 @@ def rule_files(rules_dir: Path) -> list[Path]:
         raise ConfigError("rules directory not found; set rules_dir in the config", path=str(rules_dir))
     # Kubernetes ConfigMap mounts keep old copies under ..<timestamp> directories: skip dot-dirs.
     return sorted(
-        p for p in rules_dir.rglob("*")
-        if p.suffix in (".yaml", ".yml") and p.is_file()
+        p
+        for p in rules_dir.rglob("*")
+        if p.suffix in (".yaml", ".yml")
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(rules_dir).parts)
     )
 

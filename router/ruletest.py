@@ -75,8 +75,11 @@ def _run_case(engine: Engine, case: Case, base: Path) -> list[str]:
     want = [(e.rule, e.channel) for e in case.expect]
     if sorted(got) != sorted(want):
         diff = difflib.unified_diff(
-            [f"{r} → {c}" for r, c in sorted(want)], [f"{r} → {c}" for r, c in sorted(got)],
-            "expected", "routed", lineterm="",
+            [f"{r} → {c}" for r, c in sorted(want)],
+            [f"{r} → {c}" for r, c in sorted(got)],
+            "expected",
+            "routed",
+            lineterm="",
         )
         failures.append("notifications differ:\n      " + "\n      ".join(diff))
     for expectation in case.expect:

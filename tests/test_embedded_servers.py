@@ -33,9 +33,6 @@ from tests.servers import (
     TlsSmtpCapture,
 )
 
-# Also registered by tests/conftest.py; repeated so this file runs on its own.
-pytest_plugins = ["tests.servers"]
-
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -301,9 +298,7 @@ async def test_dingtalk_rate_limit_then_throttle() -> None:
 
 async def test_dingtalk_sliding_window_with_short_settings() -> None:
     now = [0.0]
-    async with FakeDingTalk(
-        {"t": None}, rate_limit=2, rate_window=1, throttle_for=0, clock=lambda: now[0]
-    ) as s:
+    async with FakeDingTalk({"t": None}, rate_limit=2, rate_window=1, throttle_for=0, clock=lambda: now[0]) as s:
         url = s.webhook_url("t")
         codes = []
         for step in (0, 0.5, 0.6, 0.5, 0.1):  # sent at t = 0, 0.5, 1.1, 1.6, 1.7
@@ -378,9 +373,7 @@ def _consumer(bootstrap: str, topic: str, group: str | None = "g") -> AIOKafkaCo
     )
 
 
-async def test_tansu_produce_consume_round_trip(
-    tansu: TansuBroker, unique_topic: Callable[[str], str]
-) -> None:
+async def test_tansu_produce_consume_round_trip(tansu: TansuBroker, unique_topic: Callable[[str], str]) -> None:
     topic = unique_topic("events")
     producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap_servers)
     await producer.start()
@@ -420,8 +413,8 @@ async def test_tansu_kill_and_restart_on_same_port(
         os.kill(old, 0)  # reaped, no orphan
 
 
-async def test_tansu_stop_leaves_no_process() -> None:
-    broker = TansuBroker()
+async def test_tansu_stop_leaves_no_process(tmp_path: Path) -> None:
+    broker = TansuBroker(log_path=tmp_path / "tansu.log")
     async with broker:
         pid = broker.pid
         assert pid is not None and broker.running

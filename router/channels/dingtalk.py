@@ -67,10 +67,16 @@ class DingTalkConfig(ChannelConfigBase):
                 return {"msgtype": "actionCard", "actionCard": card, "at": at}
             return {"msgtype": "markdown", "markdown": {"title": title, "text": text}, "at": at}
 
-        raw = parts["text"].encode()
         payload = body(parts["text"])
-        # Cut by bytes (Chinese is 3 bytes a character; JSON escapes grow the body), mark the cut visibly.
-        while (excess := len(orjson.dumps(payload)) - MAX_BODY_BYTES) > 0 and raw:
-            raw = raw[: max(0, len(raw) - excess - len(TRUNCATION_MARKER.encode()))]
-            payload = body(raw.decode(errors="ignore") + TRUNCATION_MARKER)
+        size = len(orjson.dumps(payload))
+        if size > MAX_BODY_BYTES:
+            # Cut the text in proportion to its encoded share (Chinese is 3 bytes a character and JSON
+            # escapes grow), retrying until it fits; the marker shows the cut.
+            raw = parts["text"].encode()
+            fixed = len(orjson.dumps(body(TRUNCATION_MARKER)))
+            while size > MAX_BODY_BYTES and raw:
+                share = (MAX_BODY_BYTES - fixed) / max(1, size - fixed)
+                raw = raw[: int(len(raw) * min(share, 0.98))]
+                payload = body(raw.decode(errors="ignore") + TRUNCATION_MARKER)
+                size = len(orjson.dumps(payload))
         return payload

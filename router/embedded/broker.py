@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -38,11 +38,19 @@ def _kill_all() -> None:
             proc.wait(5)
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGKILL to the child when its parent dies, even by SIGKILL
-    # (atexit cannot cover that). Note it is tied to the *thread* that forked.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _pdeathsig_hook() -> Callable[[], None] | None:
+    """Linux: a pre-exec hook asking the kernel to SIGKILL the child when its parent dies, even by
+    SIGKILL (atexit cannot cover that). Tied to the *thread* that forks: start from the loop thread."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dlopen after fork
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
+_PRE_EXEC = _pdeathsig_hook()
 
 
 class _Child:
@@ -66,7 +74,7 @@ class _Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_PRE_EXEC,
             )
         _LIVE.add(self._proc)
 

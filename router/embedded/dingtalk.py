@@ -115,9 +115,7 @@ class FakeDingTalk(HttpServer):
     def webhook_url(self, token: str) -> str:
         return f"{self.url}/robot/send?access_token={urllib.parse.quote(token)}"
 
-    def fail_next(
-        self, count: int = 1, errcode: int = -1, errmsg: str | None = None, http_status: int = 200
-    ) -> None:
+    def fail_next(self, count: int = 1, errcode: int = -1, errmsg: str | None = None, http_status: int = 200) -> None:
         """Answer the next ``count`` requests with ``errcode`` (HTTP 200), or with ``http_status``
         and a plain-text body if that is not 200 (the errcode is then only recorded)."""
         self._forced.extend([(errcode, errmsg or ERRMSG.get(errcode, "error"), http_status)] * count)

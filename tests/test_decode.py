@@ -1,0 +1,181 @@
+"""Every seed example decodes in every wire format it can come in; bad input gets a clear DecodeError."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from router.decode import Limits, WireFormat, decode
+from router.errors import DecodeError
+
+EVENTS = Path(__file__).parent / "events"
+EVENTBRIDGE = sorted((EVENTS / "eventbridge").glob("*.json"))
+MNS_CONTENT = sorted(p for p in (EVENTS / "mns").glob("*.json") if not p.name.startswith("envelope-"))
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _mns(content: dict, type_: str = "imm:Task:MediaConvert") -> dict:
+    return {
+        "id": "mns-1",
+        "source": "acs.imm",
+        "type": type_,
+        "subject": "",
+        "time": "1724133063161",
+        "content": json.dumps(content, ensure_ascii=False),
+    }
+
+
+@pytest.mark.parametrize("path", EVENTBRIDGE, ids=lambda p: p.stem)
+def test_eventbridge_examples_decode_in_every_wire_format(path: Path) -> None:
+    event = _load(path)
+    raw = json.dumps(event, ensure_ascii=False).encode()
+
+    structured = decode(raw)
+    assert structured.wire_format is WireFormat.CLOUDEVENT
+    assert structured.type == event["type"]
+    assert structured.id == event["id"]
+    assert structured.data == event["data"]
+    assert structured.time.tzinfo is not None
+    assert structured.envelope["aliyuneventbusname"] == "default"
+
+    headers = [(f"ce_{k}", str(v).encode()) for k, v in event.items() if k != "data"]
+    binary = decode(json.dumps(event["data"]).encode(), headers)
+    assert binary.wire_format is WireFormat.CLOUDEVENT_BINARY
+    assert (binary.type, binary.id, binary.data, binary.time) == (
+        event["type"],
+        event["id"],
+        event["data"],
+        structured.time,
+    )
+
+    as_string = decode(json.dumps({**event, "data": json.dumps(event["data"])}).encode())
+    assert as_string.data == event["data"]
+
+    wrapped = decode(base64.b64encode(raw))
+    assert wrapped.base64 and wrapped.data == event["data"] and wrapped.type == event["type"]
+
+    partial = decode(json.dumps(event["data"]).encode())  # EventBridge "partial event": $.data
+    assert partial.wire_format is WireFormat.PAYLOAD
+    assert partial.data == event["data"]
+
+
+@pytest.mark.parametrize("path", MNS_CONTENT, ids=lambda p: p.stem)
+def test_mns_examples_decode_as_mns_base64_and_bare_payload(path: Path) -> None:
+    content = _load(path)
+    mns = decode(json.dumps(_mns(content)).encode())
+    assert mns.wire_format is WireFormat.MNS
+    assert mns.data == content
+    assert mns.time == datetime(2024, 8, 20, 5, 51, 3, 161000, tzinfo=UTC)
+
+    wrapped = decode(base64.b64encode(json.dumps(_mns(content)).encode()))
+    assert wrapped.base64 and wrapped.wire_format is WireFormat.MNS and wrapped.data == content
+
+    bare = decode(json.dumps(content, ensure_ascii=False).encode())
+    assert bare.wire_format is WireFormat.PAYLOAD
+    assert bare.id == content.get("RequestId") or bare.id.startswith("sha256:")
+    assert bare.type.startswith("imm:")
+    assert bare.type != "imm:Unknown"
+
+
+def test_the_full_mns_message_example_decodes() -> None:
+    event = decode((EVENTS / "mns" / "envelope-MediaConvert.json").read_bytes())
+    assert event.wire_format is WireFormat.MNS
+    assert event.type == "imm:Task:MediaConvert"
+    assert event.id == "25E-1uBJUMOshisffTNk8Nr3GIj****"
+    assert event.data["TaskId"] == "MediaConvert-db7faf5a-99c5-4afe-8309-d167fe53****"
+    assert event.time == datetime.fromtimestamp(1724133063.161, tz=UTC)
+    assert event.view["project"] == "test-project"
+
+
+@pytest.mark.parametrize(
+    ("task_type", "expected"),
+    [
+        ("FaceClustering", "imm:Task:FigureClustering"),
+        ("TaskTypeFigureClustering", "imm:Task:FigureClustering"),
+        ("FaceClusterMerging", "imm:Task:FigureClustersMerging"),
+        ("PointCloudCompress", "imm:Task:PointCloudCompression"),
+        ("TaskImageModeration", "imm:Task:ImageModeration"),
+        ("MediaConvert", "imm:Task:MediaConvert"),
+    ],
+)
+def test_task_type_names_of_both_documents_map_to_one_event_type(task_type: str, expected: str) -> None:
+    assert decode(orjson.dumps({"TaskType": task_type, "TaskId": "t"})).type == expected
+    assert decode(orjson.dumps(_mns({"TaskId": "t"}, "imm:Task:" + task_type))).type == expected
+
+
+def test_bare_payload_ids_and_shapes() -> None:
+    assert decode(b'{"RequestId": "r", "TaskId": "t"}').id == "r"
+    assert decode(b'{"TaskId": "t"}').id == "t"
+    first = decode(b'{"ProjectName": "p", "State": "Failed", "Statistic": {"SubmitFailure": 1}, "Id": "x"}')
+    again = decode(b'{"Id": "x", "Statistic": {"SubmitFailure": 1}, "State": "Failed", "ProjectName": "p"}')
+    assert first.id == again.id and first.id.startswith("sha256:")
+    assert first.type == "imm:Batch:Notification"
+    assert decode(b'{"Id": "trigger-1", "Statistic": {}}').type == "imm:Trigger:Notification"
+    assert decode(b'{"TaskId": "b", "State": "Running", "Marker": "m"}').type == "imm:Binding:Task"
+    assert decode(b'{"Files": [{"URI": "oss://b/k"}], "Success": true}').type == "imm:FileMeta:Index"
+
+
+def test_times_are_timezone_aware_whatever_the_input() -> None:
+    assert decode(b'{"TaskId": "t", "EndTime": "2023-06-21T11:42:21.006729926+08:00"}').time.utcoffset() is not None
+    naive = decode(
+        b'{"specversion": "1.0", "id": "1", "type": "imm:Task:X", "time": "2024-01-01T00:00:00", "data": {}}'
+    )
+    assert naive.time == datetime(2024, 1, 1, tzinfo=UTC)
+    assert decode(b'{"specversion":"1.0","id":"1","type":"t","time":"garbage","data":{}}').time.tzinfo is not None
+
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("raw", "headers", "problem"),
+    [
+        (b'\xff\xfe{"a": 1}', [], "not valid UTF-8"),
+        (b'{"a": "\xc3"}', [], "not valid UTF-8"),
+        (b"{not json", [], "not valid JSON"),
+        (b"", [], "not valid JSON"),
+        (None, [], "empty record"),
+        (b"[1, 2]", [], "not a JSON object (got array)"),
+        (b'"just a string"', [], "not a JSON object (got string)"),
+        (b"42", [], "not a JSON object (got number)"),
+        (b'{"a": NaN}', [], "not valid JSON"),
+        (b'{"a": 1e999}', [], "not valid JSON"),
+        (b'{"a": "\\ud800"}', [], "not valid UTF-8"),
+        (DEEP, [], "nested deeper than"),
+        (b'{"a":' * 100 + b"1" + b"}" * 100, [], "nested deeper than 64"),
+        (b'{"type": "imm:Task:X", "source": "acs.imm", "content": "[1]"}', [], "MNS content is not a JSON object"),
+        (b'{"type": "imm:Task:X", "source": "acs.imm", "content": "{oops"}', [], "MNS content is not valid JSON"),
+        (b'{"type": "imm:Task:X", "source": "acs.imm", "content": ""}', [], "MNS content is empty"),
+        (b'{"specversion": "1.0", "type": "t", "data": [1]}', [], "CloudEvent data is not a JSON object"),
+        (b'{"specversion": "1.0", "type": "t", "data": "nope"}', [], "data string is not valid JSON"),
+        (b"[1]", [("ce_type", b"imm:Task:X"), ("ce_id", b"1")], "binary-mode CloudEvent value is not a JSON"),
+        (b"{}", [("ce_type", b"\xff"), ("ce_id", b"1")], "header 'ce_type' is not valid UTF-8"),
+    ],
+)
+def test_bad_input_raises_a_decode_error_naming_input_and_problem(raw, headers, problem) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DecodeError) as caught:
+        decode(raw, headers, source="topic/3@42")
+    message = str(caught.value)
+    assert problem in message
+    assert message.startswith("topic/3@42: ")
+    message.encode("utf-8")  # always printable: no lone surrogates
+
+
+def test_size_limit_is_configurable() -> None:
+    raw = orjson.dumps({"TaskId": "t", "Message": "x" * 2000})
+    assert decode(raw, limits=Limits(max_bytes=4096)).id == "t"
+    with pytest.raises(DecodeError, match="over the 1024-byte limit"):
+        decode(raw, limits=Limits(max_bytes=1024))
+
+
+def test_str_values_with_lone_surrogates_do_not_crash() -> None:
+    with pytest.raises(DecodeError, match="not valid UTF-8"):
+        decode('{"TaskId": "\udc80"}')

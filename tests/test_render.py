@@ -1,0 +1,129 @@
+"""Templates: sandboxed, strict, one file → every part; helpers; payload rules of each channel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from router.channels.base import PayloadMeta
+from router.channels.dingtalk import MAX_BODY_BYTES, DingTalkConfig
+from router.channels.email import EmailConfig
+from router.errors import RenderError
+from router.render import TemplateSet, clip, humanize_duration, oss_console_url
+
+META = PayloadMeta(event_id="ev-1", rule="r1")
+
+
+def templates(tmp_path: Path, files: dict[str, str], zone: str = "Asia/Shanghai") -> TemplateSet:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    return TemplateSet(tmp_path, zone)
+
+
+def test_the_sandbox_blocks_unsafe_access(tmp_path: Path) -> None:
+    ts = templates(tmp_path, {"t.j2": "{% block text %}{{ ''.__class__.__mro__[1].__subclasses__() }}{% endblock %}"})
+    with pytest.raises(RenderError, match="unsafe"):
+        ts.render_parts("t.j2", ("text",), {})
+
+
+def test_undefined_names_are_errors_but_none_renders_empty(tmp_path: Path) -> None:
+    ts = templates(tmp_path, {"t.j2": "{% block a %}{{ nope }}{% endblock %}{% block b %}[{{ x }}]{% endblock %}"})
+    with pytest.raises(RenderError, match="'nope' is undefined"):
+        ts.render_parts("t.j2", ("a",), {})
+    assert ts.render_parts("t.j2", ("b",), {"x": None}) == {"b": "[]"}
+
+
+def test_html_block_is_escaped_text_blocks_are_not(tmp_path: Path) -> None:
+    ts = templates(
+        tmp_path, {"t.j2": "{% block text %}{{ m }}{% endblock %}{% block html %}<p>{{ m }}</p>{% endblock %}"}
+    )
+    parts = ts.render_parts("t.j2", ("text", "html"), {"m": "<script>x</script> & 中文"})
+    assert parts["text"] == "<script>x</script> & 中文"
+    assert parts["html"] == "<p>&lt;script&gt;x&lt;/script&gt; &amp; 中文</p>"
+
+
+def test_inherited_blocks_render_with_self_and_super(tmp_path: Path) -> None:
+    ts = templates(
+        tmp_path,
+        {
+            "base.j2": "{% block subject %}[{% block head %}base{% endblock %}]{% endblock %}"
+            "{% block text %}{{ self.head() }} body{% endblock %}",
+            "child.j2": '{% extends "base.j2" %}{% block head %}child {{ super() }}{% endblock %}',
+        },
+    )
+    assert ts.blocks("child.j2") >= {"subject", "text", "head"}
+    assert ts.render_parts("child.j2", ("subject", "text"), {}) == {
+        "subject": "[child base]",
+        "text": "child base body",
+    }
+
+
+def test_helpers(tmp_path: Path) -> None:
+    ts = templates(
+        tmp_path,
+        {
+            "t.j2": "{% block text %}{{ t | localtime('%H:%M %Z') }}|{{ d | duration }}|"
+            "{{ {'名': '值'} | json }}|{{ u | oss_console('cn-beijing') }}|{{ s | clip(5) }}"
+            "{% endblock %}"
+        },
+    )
+    out = ts.render_parts(
+        "t.j2", ("text",), {"t": "2024-08-20T07:03:08Z", "d": 3725, "u": "oss://bk/a b.mp4", "s": "abcdefgh"}
+    )["text"]
+    assert out == (
+        '15:03 CST|1h 2m|{"名":"值"}|'
+        "https://oss.console.aliyun.com/bucket/oss-cn-beijing/bk/object?path=a%20b.mp4|abcd…"
+    )
+    assert humanize_duration(0.25) == "250 ms" and humanize_duration(42) == "42s"
+    assert humanize_duration(90061) == "1d 1h" and humanize_duration(None) == ""
+    assert oss_console_url("https://x") == "https://x"
+    assert clip("short") == "short"
+
+
+def test_email_subject_can_never_carry_a_newline() -> None:
+    email = EmailConfig(type="email", host="h", **{"from": "a@b"}, to=("c@d",))
+    payload = email.build_payload({"subject": "x\r\nBcc: victim@evil\n", "text": "t"}, META)
+    assert payload["subject"] == "x Bcc: victim@evil"
+    assert payload["headers"] == {"X-IMM-Event-Id": "ev-1", "X-IMM-Rule": "r1"}
+    assert payload["html"] is None
+
+
+def dingtalk(**kw: object) -> DingTalkConfig:
+    return DingTalkConfig(type="dingtalk", url="https://oapi.dingtalk.com/robot/send?access_token=T", **kw)
+
+
+def test_dingtalk_mentions_are_written_into_the_text() -> None:
+    payload = dingtalk(at_mobiles=("13800000000",), at_user_ids=("u1",)).build_payload(
+        {"title": "t\nx", "text": "hello @u1"}, META
+    )
+    assert payload["markdown"] == {"title": "t x", "text": "hello @u1\n\n@13800000000"}
+    assert payload["at"] == {"atMobiles": ["13800000000"], "atUserIds": ["u1"], "isAtAll": False}
+
+
+def test_dingtalk_message_types() -> None:
+    text = dingtalk(msgtype="text").build_payload({"title": "T", "text": "body"}, META)
+    assert text["text"] == {"content": "T\nbody"}
+    card = dingtalk(msgtype="actionCard").build_payload(
+        {"title": "T", "text": "b", "button_title": "Open", "button_url": "https://x"}, META
+    )
+    assert card["actionCard"] == {"title": "T", "text": "b", "singleTitle": "Open", "singleURL": "https://x"}
+
+
+@pytest.mark.parametrize("char", ["a", "中", "\n", '"'])
+def test_dingtalk_body_is_kept_under_the_limit_with_a_visible_marker(char: str) -> None:
+    payload = dingtalk().build_payload({"title": "T", "text": char * 30_000}, META)
+    body = orjson.dumps(payload)
+    assert len(body) <= MAX_BODY_BYTES
+    assert payload["markdown"]["text"].endswith("…(truncated)")
+    assert len(payload["markdown"]["text"]) > 1000
+
+
+def test_dingtalk_url_must_carry_a_token_and_is_redacted() -> None:
+    with pytest.raises(ValueError, match="access_token"):
+        DingTalkConfig(type="dingtalk", url="https://oapi.dingtalk.com/robot/send")
+    config = dingtalk()
+    assert "T" not in config.redacted_url().split("access_token=")[1]
+    assert "access_token=T" not in repr(config)

@@ -1,0 +1,204 @@
+"""Rule semantics, the indexes' equivalence with plain evaluation, and load errors people can act on."""
+
+from __future__ import annotations
+
+import logging
+import random
+import textwrap
+from pathlib import Path
+
+import jmespath
+import pytest
+
+from router.decode import decode_object
+from router.engine import Engine, load
+from router.errors import ConfigError
+from router.rules import JMESPATH_OPTIONS, rule_root, truthy
+
+CONFIG = """\
+rules_dir: rules
+templates_dir: templates
+channels:
+  topic: {type: kafka, topic: alerts}
+"""
+TEMPLATE = "{% block value %}{{ rule.name }} {{ event.id }}{% endblock %}"
+
+
+def make(tmp_path: Path, rules: str, templates: dict[str, str] | None = None) -> Path:
+    (tmp_path / "rules").mkdir(exist_ok=True)
+    (tmp_path / "templates" / "digest").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "router.yaml").write_text(CONFIG)
+    (tmp_path / "rules" / "r.yaml").write_text(textwrap.dedent(rules))
+    (tmp_path / "templates" / "t.j2").write_text(TEMPLATE)
+    (tmp_path / "templates" / "digest" / "kafka.j2").write_text("{% block value %}{{ count }}{% endblock %}")
+    for name, text in (templates or {}).items():
+        (tmp_path / "templates" / name).write_text(text)
+    return tmp_path / "router.yaml"
+
+
+def rule(name: str, when: str, events: str = "") -> str:
+    events_line = f"    events: {events}\n" if events else ""
+    return f'  - name: {name}\n{events_line}    when: "{when}"\n    notify: [{{channel: topic, template: t.j2}}]\n'
+
+
+def event(data: dict, type_: str = "imm:Task:MediaConvert", id_: str = "e1"):  # type: ignore[no-untyped-def]
+    return decode_object({"specversion": "1.0", "id": id_, "source": "acs.imm", "type": type_, "data": data})
+
+
+def fired(engine: Engine, ev) -> list[str]:  # type: ignore[no-untyped-def]
+    return [n.rule for n in engine.route(ev).notifications]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, True),
+        (0.0, True),
+        ("x", True),
+        ([0], True),
+        ({"a": 1}, True),
+        (True, True),
+        (False, False),
+        (None, False),
+        ("", False),
+        ([], False),
+        ({}, False),
+    ],
+)
+def test_truthiness_is_jmespaths(value: object, expected: bool) -> None:
+    assert truthy(value) is expected
+
+
+def test_every_matching_rule_fires_and_types_filter(tmp_path: Path) -> None:
+    engine = load(
+        make(
+            tmp_path,
+            "rules:\n"
+            + rule("a", "Status == 'Failed'", '["imm:Task:*"]')
+            + rule("b", "Code", '["imm:Task:MediaConvert"]')
+            + rule("c", "`0`")
+            + rule("d", "Status == 'Failed'", '["imm:FileMeta:*"]')
+            + rule("e", "Missing")
+            + rule("f", "imm.outcome == 'failed'")
+            + rule("g", "event.type == 'imm:Task:MediaConvert' && glob('task-*', TaskId)"),
+        )
+    )
+    ev = event({"Status": "Failed", "Code": "X", "TaskId": "task-1"})
+    assert fired(engine, ev) == ["a", "b", "c", "f", "g"]
+    assert fired(engine, event({"Status": "Failed"}, "imm:FileMeta:Index")) == ["c", "d", "f"]
+
+
+def test_event_globs_are_case_sensitive(tmp_path: Path) -> None:
+    engine = load(make(tmp_path, "rules:\n" + rule("a", "`true`", '["imm:task:*"]')))
+    assert fired(engine, event({})) == []
+
+
+def test_a_runtime_error_means_no_match_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = load(make(tmp_path, "rules:\n" + rule("broken", "length(Missing) > `0`") + rule("ok", "`true`")))
+    with caplog.at_level(logging.WARNING):
+        for i in range(3):
+            assert fired(engine, event({}, id_=f"e{i}")) == ["ok"]
+    broken = engine.rules.rules[0]
+    assert broken.errors == 3
+    assert sum("broken" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    projects = [f"p{i}" for i in range(30)]
+    conditions = [
+        lambda: f"ProjectName == '{rnd.choice(projects)}' && Status == 'Failed'",
+        lambda: f"Status == '{rnd.choice(['Failed', 'Succeeded'])}' && Code != ''",
+        lambda: f"contains(['{rnd.choice(projects)}', '{rnd.choice(projects)}'], ProjectName)",
+        lambda: f"ProjectName == '{rnd.choice(projects)}' || ProjectName == '{rnd.choice(projects)}'",
+        lambda: f"imm.outcome == 'failed' && imm.project == '{rnd.choice(projects)}'",
+        lambda: f"'{rnd.choice(projects)}' == ProjectName || Code == 'X'",
+        lambda: "Suggestion == 'block' && ProjectName == Project",
+        lambda: f"ProjectName == '{rnd.choice(projects)}' && ProjectName == '{rnd.choice(projects)}'",
+        lambda: "!(Status == 'Failed')",
+        lambda: "Statistic.SubmitFailure > `0`",
+    ]
+    types = ['["imm:Task:*"]', '["imm:Task:MediaConvert", "imm:Batch:*"]', ""]
+    text = "rules:\n" + "".join(
+        rule(f"r{i}", rnd.choice(conditions)().replace('"', '\\"'), rnd.choice(types)) for i in range(300)
+    )
+    engine = load(make(tmp_path, text))
+    compiled = [(r, jmespath.compile(r.spec.when)) for r in engine.rules.rules]
+    for n in range(400):
+        data = {
+            "ProjectName": rnd.choice([*projects, None]),
+            "Status": rnd.choice(["Failed", "Succeeded", 1]),
+            "Code": rnd.choice(["", "X", "200"]),
+            "Suggestion": rnd.choice(["block", "pass"]),
+            "Statistic": {"SubmitFailure": rnd.choice([0, 2])},
+        }
+        ev = event(data, rnd.choice(["imm:Task:MediaConvert", "imm:Batch:Notification", "imm:Task:X"]), f"e{n}")
+        root = rule_root(ev)
+        expected = [
+            r.name
+            for r, expr in compiled
+            if r.applies_to(ev.type) and truthy(expr.search(root, options=JMESPATH_OPTIONS))
+        ]
+        assert [r.name for r in engine.rules.match(ev, root)] == expected
+
+
+def test_custom_functions(tmp_path: Path) -> None:
+    engine = load(
+        make(tmp_path, "rules:\n" + rule("a", "lower(Status) == 'failed'") + rule("b", "upper(imm.project) == 'P1'"))
+    )
+    assert fired(engine, event({"Status": "FAILED", "ProjectName": "p1"})) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("rules", "templates", "expected"),
+    [
+        (
+            "rules:\n  - name: a\n    when: [oops\n",
+            {},
+            r"r\.yaml:4: invalid YAML: expected ',' or '\]'.* \(while parsing a flow sequence at line 3\)",
+        ),
+        ("rules:\n" + rule("a", "Status == "), {}, r"r\.yaml:3: rule 'a': `when` is not valid JMESPath"),
+        ("rules:\n" + rule("a", "Status") + "    severity: high\n", {}, r"r\.yaml:5: rules\.0\.severity"),
+        ("rules:\n" + rule("a", "Status") + "    colour: red\n", {}, r"r\.yaml:5: rules\.0\.colour: unknown key"),
+        (
+            "rules:\n  - name: a\n    notify: [{channel: topic, template: t.j2}]\n",
+            {},
+            r"r\.yaml:2: rules\.0\.when: required key is missing",
+        ),
+        (
+            "rules:\n" + rule("a", "Status") + rule("a", "Code"),
+            {},
+            r"r\.yaml:5: rule name 'a' is already used at .*r\.yaml:2",
+        ),
+        (
+            "rules:\n  - name: a\n    when: Status\n    notify:\n      - {channel: nope, template: t.j2}\n",
+            {},
+            r"r\.yaml:5: rule 'a': unknown channel 'nope'; channels in the config: topic",
+        ),
+        (
+            "rules:\n  - name: a\n    when: Status\n    notify:\n      - {channel: topic, template: nope.j2}\n",
+            {},
+            r"r\.yaml:5: rule 'a': template 'nope.j2' not found",
+        ),
+        (
+            "rules:\n  - name: a\n    when: Status\n    notify:\n      - {channel: topic, template: v.j2}\n",
+            {"v.j2": "{% block key %}k{% endblock %}"},
+            r"template 'v.j2' has no block value",
+        ),
+        ("rules:\n" + rule("a", "Status"), {"bad.j2": "line one\n{% if %}"}, r"bad\.j2:2: template syntax error"),
+        ("rules:\n  - name: a\n    when: Status\n    when: Code\n", {}, r"r\.yaml:4: duplicate key 'when'"),
+        ("rules: 3\n", {}, r"r\.yaml:1: rules: Input should be a valid"),
+    ],
+)
+def test_load_errors_name_file_line_and_fix(tmp_path: Path, rules: str, templates: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load(make(tmp_path, rules, templates))
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    text = "rules:\n" + rule("a", "Status ==") + rule("b", "Code ==")
+    with pytest.raises(ConfigError) as caught:
+        load(make(tmp_path, text))
+    assert "rule 'a'" in str(caught.value) and "rule 'b'" in str(caught.value)
