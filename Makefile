@@ -30,5 +30,12 @@ bench: install
 	$(BIN)/python bench/rules_bench.py
 	$(BIN)/python bench/e2e_bench.py
 
+# The chart bundles a copy of the shipped rules and templates; tests check they are in sync.
+chart-files:
+	rm -rf helm/imm-router/files/rules helm/imm-router/files/templates
+	mkdir -p helm/imm-router/files
+	cp -R rules helm/imm-router/files/rules
+	cp -R templates helm/imm-router/files/templates
+
 clean:
 	rm -rf $(VENV) outbox .pytest_cache .mypy_cache .ruff_cache
