@@ -14,7 +14,7 @@ import orjson
 
 from router import __version__
 from router.config import Settings, load_settings
-from router.decode import Event, Limits, decode, decode_object
+from router.decode import Limits, iter_events
 from router.engine import load
 from router.errors import ConfigError, DecodeError, RouterError
 from router.render import TemplateSet
@@ -31,30 +31,6 @@ def read_inputs(paths: Sequence[str], stdin: TextIO) -> Iterator[tuple[str, byte
                 yield path, Path(path).read_bytes()
             except OSError as exc:
                 raise ConfigError(f"cannot read input: {exc.strerror}", path=path) from None
-
-
-def events_in(name: str, raw: bytes, limits: Limits) -> Iterator[Event | DecodeError]:
-    """One JSON event, a JSON array of events, or JSON lines (each may be a base64 body)."""
-    try:
-        whole = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        whole = None
-        lines = raw.splitlines()
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                source = f"{name}:{number}" if len(lines) > 1 else name
-                try:
-                    yield decode(line, limits=limits, source=source)
-                except DecodeError as exc:
-                    yield exc
-        return
-    items = whole if isinstance(whole, list) else [whole]
-    for index, item in enumerate(items):
-        source = f"{name}[{index}]" if isinstance(whole, list) else name
-        try:
-            yield decode_object(item, limits=limits, source=source)
-        except DecodeError as exc:
-            yield exc
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -78,7 +54,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     failed = False
     out = sys.stdout
     for name, raw in read_inputs(args.inputs, sys.stdin):
-        for item in events_in(name, raw, engine.limits):
+        for item in iter_events(name, raw, engine.limits):
             if isinstance(item, DecodeError):
                 failed = True
                 print(f"error: {item}", file=sys.stderr)
@@ -86,7 +62,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             result = engine.route(item)
             for notification in result.notifications:
                 out.write(orjson.dumps(notification.route_line()).decode() + "\n")
-            for error in result.errors:
+            for error in result.failures:
                 failed = True
                 print(f"error: {error}", file=sys.stderr)
     return 1 if failed else 0
@@ -107,7 +83,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise ConfigError(f"template {args.template!r} not found under {settings.templates_dir}")
     raw = Path(args.event).read_bytes()
     limits = Limits(settings.max_event_bytes, settings.max_event_depth)
-    events = list(events_in(args.event, raw, limits))
+    events = list(iter_events(args.event, raw, limits))
     status = 0
     for event in events:
         if isinstance(event, DecodeError):
@@ -137,6 +113,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from router.service import replay
 
     return asyncio.run(replay(args.config, source=args.file, match=args.match, dry_run=args.dry_run, limit=args.limit))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from router.embedded.demo import run_demo
+
+    return asyncio.run(run_demo(args.outbox, exit_after=args.exit))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,6 +154,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="stop after this many records")
     p.add_argument("--dry-run", action="store_true", help="print what would be routed, deliver nothing")
     p.set_defaults(func=cmd_replay)
+    p = sub.add_parser("demo", help="run everything locally: embedded broker, mail and DingTalk capture servers")
+    p.add_argument("--outbox", type=Path, default=Path("outbox"), help="where received alerts are written")
+    p.add_argument("--exit", action="store_true", help="exit once the example events are routed")
+    p.set_defaults(func=cmd_demo)
     return top
 
 

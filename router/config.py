@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +39,26 @@ class KafkaSettings(Frozen):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+
+    def client_options(self) -> dict[str, Any]:
+        """aiokafka connection keyword arguments: security protocol, SASL and TLS."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol.startswith("SASL"):
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+            if self.ssl_certfile:
+                context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
+            options["ssl_context"] = context
+        return options
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -99,6 +99,30 @@ def decode_object(obj: Any, *, limits: Limits = DEFAULT_LIMITS, source: str = "r
         raise DecodeError("nested too deeply", source=source) from None
     except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError(f"malformed event: {type(exc).__name__}: {_safe(str(exc))}", source=source) from None
+
+
+def iter_events(name: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Iterator[Event | DecodeError]:
+    """The events of an input file: one JSON event, a JSON array of events, or JSON lines (each may be
+    a base64 body). Inputs that fail come back as DecodeErrors naming ``name`` and the line or index."""
+    try:
+        whole = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        lines = raw.splitlines()
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                source = f"{name}:{number}" if len(lines) > 1 else name
+                try:
+                    yield decode(line, limits=limits, source=source)
+                except DecodeError as exc:
+                    yield exc
+        return
+    items = whole if isinstance(whole, list) else [whole]
+    for index, item in enumerate(items):
+        source = f"{name}[{index}]" if isinstance(whole, list) else name
+        try:
+            yield decode_object(item, limits=limits, source=source)
+        except DecodeError as exc:
+            yield exc
 
 
 def _decode(value: bytes | str | None, headers: Headers, limits: Limits) -> Event:

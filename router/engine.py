@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.channels.base import ChannelConfigBase, PayloadMeta
+from router.channels.base import PayloadMeta
 from router.config import Settings, load_settings
 from router.decode import Event, Limits
 from router.errors import ConfigError, RenderError
@@ -24,10 +24,21 @@ from router.rules import Notify, Rule, RuleSet, load_rules, rule_root
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RenderFailure:
+    event_id: str
+    rule: str
+    channel: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"event {self.event_id}: rule {self.rule} → {self.channel}: {self.reason}"
+
+
 @dataclass
 class RouteResult:
     notifications: list[Notification] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    failures: list[RenderFailure] = field(default_factory=list)
 
 
 class Engine:
@@ -36,10 +47,6 @@ class Engine:
         self.templates = templates
         self.rules = rules
         self.limits = Limits(max_bytes=settings.max_event_bytes, max_depth=settings.max_event_depth)
-
-    @property
-    def channels(self) -> dict[str, ChannelConfigBase]:
-        return dict(self.settings.channels)
 
     def route(self, event: Event) -> RouteResult:
         result = RouteResult()
@@ -53,7 +60,7 @@ class Engine:
                 try:
                     result.notifications.append(self.render(event, rule, target, context))
                 except RenderError as exc:
-                    result.errors.append(f"event {event.id}: rule {rule.name} → {target.channel}: {exc}")
+                    result.failures.append(RenderFailure(event.id, rule.name, target.channel, str(exc)))
         return result
 
     def render(self, event: Event, rule: Rule, target: Notify, context: dict[str, Any]) -> Notification:

@@ -70,7 +70,7 @@ def _run_case(engine: Engine, case: Case, base: Path) -> list[str]:
     except DecodeError as exc:
         return [f"event does not decode: {exc}"]
     result = engine.route(event)
-    failures = list(result.errors)
+    failures = [str(f) for f in result.failures]
     got = {(n.rule, n.channel): n for n in result.notifications}
     want = [(e.rule, e.channel) for e in case.expect]
     if sorted(got) != sorted(want):
