@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import json
 import time
@@ -56,6 +58,16 @@ class WebhookCapture(HttpServer):
         self.response_body = response_body
         self.outbox = Path(outbox) if outbox is not None else None
         self.requests: Recorder[WebhookRequest] = Recorder()
+        # Cleared by hold(): requests are recorded but their answers wait, like a stalled endpoint.
+        self.open = asyncio.Event()
+        self.open.set()
+
+    def hold(self) -> None:
+        """Stall: answer nothing until release()."""
+        self.open.clear()
+
+    def release(self) -> None:
+        self.open.set()
 
     def set_statuses(self, statuses: Iterable[int]) -> None:
         """Replace the statuses still to be answered."""
@@ -84,6 +96,7 @@ class WebhookCapture(HttpServer):
         if self.outbox is not None:
             write_atomic(self.outbox / f"{len(self.requests) + 1:06d}.json", _dump(record))
         self.requests.add(record)
+        await self.open.wait()
         return web.Response(status=status, text=self.response_body)
 
 
