@@ -77,6 +77,8 @@ class ServiceSettings(Frozen):
     commit_every_records: int = Field(default=1_000, ge=1)
     dedup_ttl_seconds: float = Field(default=3_600.0, ge=0, description="0 turns duplicate suppression off")
     dedup_max_entries: int = Field(default=200_000, ge=1)
+    reload_poll_seconds: float = Field(default=2.0, gt=0, description="how often files are checked for changes")
+    health_interval_seconds: float = Field(default=30.0, gt=0, description="channel health checks for /readyz")
 
 
 class HttpSettings(Frozen):

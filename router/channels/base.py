@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Protocol
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from yarl import URL
 
 from router.notification import Notification
 
@@ -18,7 +21,15 @@ class Frozen(BaseModel):
 
 class RateLimit(Frozen):
     per_minute: int = Field(gt=0)
-    burst: int | None = Field(default=None, gt=0, description="bucket size; defaults to per_minute")
+    burst: int | None = Field(
+        default=None, gt=0, description="at most this many back to back (in burst/per_minute of a minute)"
+    )
+
+    @model_validator(mode="after")
+    def _burst_within_minute(self) -> RateLimit:
+        if self.burst is not None and self.burst > self.per_minute:
+            raise ValueError("burst cannot exceed per_minute: at most per_minute messages go out in any minute")
+        return self
 
 
 class RetryPolicy(Frozen):
@@ -46,8 +57,9 @@ class ChannelConfigBase(Frozen):
     rate_limit: RateLimit | None = None
     retry: RetryPolicy = RetryPolicy()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
+    digest_max_alerts: int = Field(default=50, ge=1, description="alerts listed in one digest message at most")
     concurrency: int = Field(default=4, ge=1)
-    timeout_seconds: float = Field(default=10.0, gt=0)
+    timeout_seconds: float = Field(default=10.0, gt=0, description="one delivery attempt, connecting included")
 
     @property
     def default_digest_template(self) -> str:
@@ -60,6 +72,15 @@ class ChannelConfigBase(Frozen):
         """The exact payload the channel would send for these rendered template parts."""
         raise NotImplementedError
 
+    def truncated(self, payload: Mapping[str, Any]) -> bool:
+        """Whether ``build_payload`` had to cut this payload (a digest must then list fewer alerts)."""
+        return False
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret this config holds, for scrubbing error texts."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return tuple(v.get_secret_value() for v in values if isinstance(v, SecretStr))
+
 
 class PayloadMeta(Frozen):
     """Facts about the notification a payload builder may put on the wire."""
@@ -71,6 +92,39 @@ class PayloadMeta(Frozen):
 def one_line(text: str) -> str:
     """Collapse all whitespace, newlines included: a subject or title can never inject a header."""
     return " ".join(text.split())
+
+
+class Scrubber:
+    """Replaces secrets in a text with ``***``: library exception texts can carry a URL with its token.
+
+    Besides each secret as given it matches the encodings a client library may print (percent-encoded,
+    yarl-normalised URLs) and, for URLs, each query value (where webhook tokens live)."""
+
+    MASK = "***"
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        variants: set[str] = set()
+        for secret in filter(None, secrets):
+            variants |= _encodings(secret)
+            parts = urlsplit(secret)
+            if parts.scheme and parts.netloc:
+                variants.add(str(URL(secret)))
+                # Short query values ("v=1") are too common to mask without mangling every message.
+                raw = [pair.partition("=")[2] for pair in parts.query.split("&")]
+                for value in {*raw, *(unquote(v) for v in raw), *(v for _, v in parse_qsl(parts.query))}:
+                    if len(value) >= 6:
+                        variants |= _encodings(value)
+                if parts.password:
+                    variants |= _encodings(parts.password)
+        ordered = sorted(variants, key=len, reverse=True)  # longest first: a URL before the token inside it
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        return self._pattern.sub(self.MASK, text) if self._pattern else text
+
+
+def _encodings(secret: str) -> set[str]:
+    return {secret, quote(secret, safe=""), quote_plus(secret), quote(secret)}
 
 
 class Channel(Protocol):

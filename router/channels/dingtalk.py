@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import Field, SecretStr, field_validator
+from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, RateLimit, one_line
+from router.channels.base import ChannelConfigBase, PayloadMeta, RateLimit, Scrubber, one_line
+from router.channels.http import Answer, HttpClient
+from router.errors import DeliveryError
+from router.notification import Notification
 
 # DingTalk refuses bodies over 20,000 bytes (errcode 460101); stay clear of it.
 MAX_BODY_BYTES = 19_000
 TRUNCATION_MARKER = "\n\n…(truncated)"
+
+# errcodes that say "later": sending too fast (130101, 410100) and "system busy" (-1). Every other
+# non-zero code (bad token or signature, robot stopped, bad msgtype, body too long, …) stays wrong.
+RETRIABLE_ERRCODES = frozenset({130101, 410100, -1})
 
 
 class DingTalkConfig(ChannelConfigBase):
@@ -44,6 +56,10 @@ class DingTalkConfig(ChannelConfigBase):
         parts = urlsplit(self.url.get_secret_value())
         query = [(k, "***" if k == "access_token" else v) for k, v in parse_qsl(parts.query)]
         return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def truncated(self, payload: Mapping[str, Any]) -> bool:
+        body = payload.get(payload.get("msgtype", ""), {})
+        return str(body.get("text") or body.get("content") or "").endswith(TRUNCATION_MARKER)
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         title = one_line(parts["title"])
@@ -80,3 +96,58 @@ class DingTalkConfig(ChannelConfigBase):
                 payload = body(raw.decode(errors="ignore") + TRUNCATION_MARKER)
                 size = len(orjson.dumps(payload))
         return payload
+
+
+def sign(secret: str, timestamp_ms: int) -> str:
+    """base64(HMAC-SHA256(key=secret, msg="<timestamp_ms>\\n<secret>")); yarl percent-encodes it in the query."""
+    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+class DingTalkChannel:
+    """Posts each payload to the robot, signed per request; the errcode in the answer decides."""
+
+    def __init__(self, name: str, config: DingTalkConfig) -> None:
+        self.name = name
+        self.config = config
+        self._http = HttpClient(name, config.timeout_seconds, Scrubber(config.secret_values()))
+
+    def _url(self) -> URL:
+        url = URL(self.config.url.get_secret_value())
+        if self.config.secret is None:
+            return url
+        # DingTalk accepts a signature for an hour; computing it per request keeps it fresh.
+        timestamp = int(time.time() * 1000)
+        return url.extend_query(timestamp=str(timestamp), sign=sign(self.config.secret.get_secret_value(), timestamp))
+
+    async def _post(self, body: bytes) -> tuple[int, str]:
+        answer = await self._http.request(
+            "POST", self._url(), body=body, headers={"Content-Type": "application/json; charset=utf-8"}
+        )
+        if answer.status != 200:
+            retriable = answer.status == 429 or answer.status >= 500
+            raise self._error(answer.describe(), retriable)
+        return self._errcode(answer)
+
+    def _errcode(self, answer: Answer) -> tuple[int, str]:
+        try:
+            doc = orjson.loads(answer.body)
+            return int(doc["errcode"]), str(doc.get("errmsg", ""))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            # Not the robot API talking (a proxy's error page, say): it may be back later.
+            raise self._error(f"unexpected answer: {answer.describe()}", True) from None
+
+    def _error(self, message: str, retriable: bool) -> DeliveryError:
+        return DeliveryError(self._http.scrub(message), retriable=retriable, channel=self.name)
+
+    async def send(self, notification: Notification) -> None:
+        errcode, errmsg = await self._post(orjson.dumps(notification.payload))
+        if errcode != 0:
+            raise self._error(f"errcode {errcode}: {errmsg}", errcode in RETRIABLE_ERRCODES)
+
+    async def health(self) -> str:
+        # Reachability only: a request to the robot, even a refused one, might count against its 20 a minute.
+        return await self._http.reachable(URL(self.config.url.get_secret_value()))
+
+    async def close(self) -> None:
+        await self._http.close()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import ssl
 from collections.abc import Mapping
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import aiosmtplib
 from pydantic import Field, SecretStr
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, one_line
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, one_line
+from router.errors import DeliveryError
+from router.notification import Notification
+
+log = logging.getLogger(__name__)
 
 
 class EmailConfig(ChannelConfigBase):
@@ -35,3 +44,147 @@ class EmailConfig(ChannelConfigBase):
             "html": parts.get("html") or None,
             "headers": {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule},
         }
+
+
+class EmailChannel:
+    """Sends over a small pool of SMTP connections, kept open between messages (TLS and AUTH once each).
+
+    The pool grows to the number of concurrent sends the delivery stage allows."""
+
+    def __init__(self, name: str, config: EmailConfig) -> None:
+        self.name = name
+        self.config = config
+        self._scrub = Scrubber(config.secret_values())
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._tls_context: ssl.SSLContext | None = None
+
+    def _message(self, payload: Mapping[str, Any]) -> EmailMessage:
+        message = EmailMessage()
+        try:
+            message["From"] = payload["from"]
+            message["To"] = ", ".join(payload["to"])
+            message["Subject"] = payload["subject"]
+            message["Date"] = formatdate(localtime=False)
+            # A domain of our own: make_msgid() would otherwise ask DNS for this host's name every time.
+            message["Message-ID"] = make_msgid(domain=parseaddr(payload["from"])[1].rpartition("@")[2] or "imm-router")
+            for key, value in payload["headers"].items():
+                message[key] = value
+            message.set_content(payload["text"])
+            if payload.get("html"):
+                message.add_alternative(payload["html"], subtype="html")
+        except (ValueError, TypeError) as exc:
+            raise DeliveryError(f"cannot build the message: {exc}", retriable=False, channel=self.name) from None
+        return message
+
+    def _context(self) -> ssl.SSLContext:
+        if self._tls_context is None:
+            cafile = str(self.config.ca_file) if self.config.ca_file else None
+            try:
+                ctx = ssl.create_default_context(cafile=cafile)
+            except OSError as exc:
+                raise DeliveryError(
+                    f"cannot read ca_file {cafile}: {exc.strerror}", retriable=False, channel=self.name
+                ) from None
+            if not self.config.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._tls_context = ctx
+        return self._tls_context
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        cfg = self.config
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host,
+            port=cfg.port,
+            use_tls=cfg.tls == "implicit",
+            start_tls=cfg.tls == "starttls",
+            tls_context=self._context() if cfg.tls != "none" else None,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            timeout=cfg.timeout_seconds,
+        )
+        await client.connect()  # EHLO, STARTTLS, EHLO again, AUTH
+        return client
+
+    async def _transact(self, client: aiosmtplib.SMTP, message: EmailMessage) -> None:
+        try:
+            refused, _ = await client.send_message(message)
+        except BaseException:
+            client.close()  # the session state is unknown: never reuse it
+            raise
+        self._idle.append(client)
+        if refused:
+            # Delivered to the others: a retry would send them a second copy.
+            log.warning("%s: recipients refused: %s", self.name, ", ".join(f"{r}: {v}" for r, v in refused.items()))
+
+    async def send(self, notification: Notification) -> None:
+        message = self._message(notification.payload)
+        try:
+            client = self._idle.pop() if self._idle else None
+            if client is not None and client.is_connected:
+                try:
+                    await self._transact(client, message)
+                    return
+                except aiosmtplib.SMTPServerDisconnected:
+                    pass  # the server dropped the idle connection at the wrong moment: one fresh try
+            elif client is not None:
+                client.close()
+            await self._transact(await self._connect(), message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._classify(exc) from None
+
+    def _classify(self, exc: BaseException) -> DeliveryError:
+        tls = _tls_error(exc)
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            hint = "; set ca_file to the CA that signed it" if self.config.verify else ""
+            return self._error(f"TLS certificate not trusted: {tls.verify_message}{hint}", False)
+        if tls is not None:
+            # Wrong port for the tls mode, no common protocol: the config has to change.
+            return self._error(f"TLS handshake failed (is tls: {self.config.tls} right for this port?): {tls}", False)
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            return self._error(f"authentication failed for {self.config.username}: {exc.code} {exc.message}", False)
+        if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            return self._error(f"all recipients refused: {detail}", any(400 <= r.code < 500 for r in exc.recipients))
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return self._error(f"{exc.code} {exc.message}", 400 <= exc.code < 500)
+        if isinstance(exc, OSError):
+            # Refused, reset, dropped or timed out: the server may be back in a moment.
+            return self._error(f"{type(exc).__name__}: {exc}", True)
+        # Anything else is the server not supporting what the config asks for (STARTTLS, AUTH, SMTPUTF8).
+        return self._error(f"{type(exc).__name__}: {exc}", False)
+
+    def _error(self, message: str, retriable: bool) -> DeliveryError:
+        return DeliveryError(self._scrub(message), retriable=retriable, channel=self.name)
+
+    async def health(self) -> str:
+        try:
+            client = await self._connect()
+            try:
+                await client.noop()
+            except BaseException:
+                client.close()
+                raise
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._classify(exc) from None
+        self._idle.append(client)
+        auth = f", AUTH as {self.config.username}" if self.config.username else ""
+        return f"SMTP {self.config.host}:{self.config.port} answered EHLO and NOOP (tls {self.config.tls}{auth})"
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc``, if any: aiosmtplib raises some bare and wraps others."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a bounded walk: exception chains can loop
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr
+from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta
-from router.errors import RenderError
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber
+from router.channels.http import HttpClient
+from router.errors import DeliveryError, RenderError
+from router.notification import Notification
 
 
 class WebhookConfig(ChannelConfigBase):
@@ -19,7 +24,9 @@ class WebhookConfig(ChannelConfigBase):
     url: SecretStr = Field(description="may carry a token, so it is treated as a secret")
     headers: dict[str, str] = Field(default_factory=dict)
     hmac_secret: SecretStr | None = None
-    signature_header: str = "X-IMM-Signature"
+    signature_header: str = Field(
+        default="X-IMM-Signature", description='"sha256=" + hex HMAC-SHA256 of the exact body bytes'
+    )
 
     def validated_url(self) -> str:
         return str(AnyHttpUrl(self.url.get_secret_value()))
@@ -32,3 +39,37 @@ class WebhookConfig(ChannelConfigBase):
         headers = {"Content-Type": "application/json", **self.headers}
         headers |= {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule}
         return {"method": "POST", "headers": headers, "body": body}
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookChannel:
+    """POSTs the JSON body; the HTTP status decides: 2xx ok, 408/429/5xx later, anything else never."""
+
+    def __init__(self, name: str, config: WebhookConfig) -> None:
+        self.name = name
+        self.config = config
+        self._url = URL(config.validated_url())
+        self._http = HttpClient(name, config.timeout_seconds, Scrubber(config.secret_values()))
+
+    async def send(self, notification: Notification) -> None:
+        payload = notification.payload
+        body = orjson.dumps(payload["body"])
+        headers = dict(payload["headers"])
+        if self.config.hmac_secret is not None:
+            headers[self.config.signature_header] = signature(self.config.hmac_secret.get_secret_value(), body)
+        answer = await self._http.request("POST", self._url, body=body, headers=headers)
+        if 200 <= answer.status < 300:
+            return
+        retriable = answer.status in (408, 429) or answer.status >= 500
+        # Redirects are not followed: a POST turned into a GET elsewhere is not a delivery.
+        message = self._http.scrub(answer.describe())
+        raise DeliveryError(message, retriable=retriable, channel=self.name)
+
+    async def health(self) -> str:
+        return await self._http.reachable(self._url)
+
+    async def close(self) -> None:
+        await self._http.close()

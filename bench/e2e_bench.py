@@ -1,0 +1,189 @@
+"""End to end through a real broker (Tansu): events/s and latency of the router with the shipped rules
+delivering to Kafka channels, beside a raw baseline in the same run (aiokafka getmany + JSON decode, no
+routing), reported as a ratio.
+
+Phase 1 (throughput): N events (the seed mix, unique ids) are produced up front; each side consumes
+all of them from its own topic copy. Phase 2 (latency): events are produced at half the measured
+router rate; latency is the source record's timestamp → the notification record's timestamp.
+
+Run: python bench/e2e_bench.py [--events N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from router.decode import decode
+from router.embedded.broker import TansuBroker
+from router.embedded.demo import demo_records
+from router.engine import load
+from router.service import Service, read_topic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def seed_values(n: int) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+    seeds = [(value, headers) for _, value, headers in demo_records()[:-1]]
+    out = []
+    for i in range(n):
+        value, headers = seeds[i % len(seeds)]
+        # Unique ids, so duplicate suppression does not hide work.
+        suffix = f"-{i}".encode()
+        headers = [(k, v + suffix if k == "ce_id" else v) for k, v in headers]
+        if not headers and value.lstrip().startswith(b"{"):
+            obj = json.loads(value)
+            if "id" in obj:
+                obj["id"] = f"{obj['id']}-{i}"
+            else:
+                obj["RequestId"] = f"req-{i}"
+            value = json.dumps(obj, ensure_ascii=False).encode()
+        out.append((value, headers))
+    return out
+
+
+async def produce(
+    bootstrap: str, topic: str, values: list[tuple[bytes, list[tuple[str, bytes]]]], rate: float | None = None
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        start = time.perf_counter()
+        futures = []
+        for i, (value, headers) in enumerate(values):
+            if rate:
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            futures.append(await producer.send(topic, value=value, headers=headers))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def raw_baseline(bootstrap: str, topic: str, n: int) -> float:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id="raw-baseline",
+        enable_auto_commit=False,
+        session_timeout_ms=1000,
+        heartbeat_interval_ms=200,
+    )
+    await consumer.start()
+    seen, start = 0, time.perf_counter()
+    try:
+        while seen < n:
+            for batch in (await consumer.getmany(timeout_ms=200, max_records=2000)).values():
+                for record in batch:
+                    value = record.value
+                    if value[:1] not in (b"{", b"["):
+                        value = base64.b64decode(value)
+                    orjson.loads(value)
+                    seen += 1
+        return n / (time.perf_counter() - start)
+    finally:
+        await consumer.stop()
+
+
+def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
+    # The shipped rules name three channels; here all three are Kafka topics.
+    channels = {
+        name: {"type": "kafka", "topic": f"{topic}-{name}", "concurrency": 512}
+        for name in ("oncall-dingtalk", "ops-email", "alerts-topic")
+    }
+    path = directory / "router.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "rules_dir": str(ROOT / "rules"),
+                "templates_dir": str(ROOT / "templates"),
+                "channels": channels,
+                "kafka": {
+                    "bootstrap_servers": bootstrap,
+                    "topics": [topic],
+                    "group_id": f"{topic}-router",
+                    "dead_letter_topic": f"{topic}-dlq",
+                    "session_timeout_ms": 1000,
+                    "heartbeat_interval_ms": 200,
+                },
+                "service": {"max_in_flight": 5000, "max_in_flight_per_partition": 2000, "dedup_ttl_seconds": 0},
+                "http": {"enabled": False},
+            }
+        )
+    )
+    return path
+
+
+async def run_router(bootstrap: str, topic: str, n: int, rate: float | None) -> tuple[float, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = bench_config(Path(tmp), bootstrap, topic)
+        service = Service(load(path), path)
+        task = asyncio.create_task(service.run())
+        values = seed_values(n)
+        if rate is None:
+            await produce(bootstrap, topic, values)
+        start = time.perf_counter()
+        producing = asyncio.create_task(produce(bootstrap, topic, values, rate)) if rate else None
+        while sum(t.committed or 0 for t in service.trackers.values()) < n:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - start
+        if producing:
+            await producing
+        service.stop()
+        await task
+    latencies: list[float] = []
+    source_times = await _source_times(bootstrap, topic)
+    out = await read_topic({"bootstrap_servers": bootstrap}, f"{topic}-alerts-topic")
+    for record in out:
+        event_id = dict(record.headers).get("imm-event-id", b"").decode()
+        if event_id in source_times:
+            latencies.append(record.timestamp - source_times[event_id])
+    return n / elapsed, latencies
+
+
+async def _source_times(bootstrap: str, topic: str) -> dict[str, int]:
+    times = {}
+    for record in await read_topic({"bootstrap_servers": bootstrap}, topic):
+        event = decode(record.value, record.headers)
+        times[event.id] = record.timestamp
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [0.0])[0]
+
+
+async def main(n: int) -> None:
+    async with TansuBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        await produce(bootstrap, "raw", seed_values(n))
+        raw = await raw_baseline(bootstrap, "raw", n)
+        router_rate, _ = await run_router(bootstrap, "thru", n, None)
+        half = router_rate / 2
+        _, latencies = await run_router(bootstrap, "lat", min(n, int(half * 10)), half)
+    print(f"events: {n} (seed mix: {sum(1 for _ in demo_records()) - 1} examples, every wire format)")
+    print(f"raw baseline (getmany + JSON decode): {raw:10,.0f} ev/s")
+    print(f"router, shipped rules → Kafka:        {router_rate:10,.0f} ev/s   ratio {router_rate / raw:.2f}x")
+    print(
+        f"latency at {half:,.0f} ev/s (half the router rate), {len(latencies)} notifications: "
+        f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
+        f"max {max(latencies or [0]):.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=20_000)
+    args = parser.parse_args()
+    asyncio.run(main(args.events))

@@ -1,0 +1,143 @@
+"""Helpers for the channel and delivery tests (no tests here): a real Engine over the shipped templates
+with channels pointing at the embedded servers, IMM events, and a virtual clock.
+
+PYTEST_DONT_REWRITE"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from router.decode import decode_object
+from router.engine import Engine, load
+from router.metrics import Metrics
+from router.notification import Notification
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = {
+    "dingtalk": "dingtalk/task-failed.md.j2",
+    "email": "email/task-failed.j2",
+    "kafka": "kafka/alert.json.j2",
+    "webhook": "webhook/alert.json.j2",
+}
+
+
+def make_engine(tmp_path: Path, channels: dict[str, dict[str, Any]], **settings: Any) -> Engine:
+    """An Engine with ``channels`` (name -> config) and one rule, task-failed, notifying all of them
+    with the shipped template of their type. ``settings`` go into the config file's top level."""
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    notify = [{"channel": name, "template": TEMPLATES[config["type"]]} for name, config in channels.items()]
+    rule = {
+        "name": "task-failed",
+        "description": "IMM 任务失败 / An IMM task failed",
+        "events": ["imm:Task:*"],
+        "when": "imm.outcome == 'failed'",
+        "severity": "critical",
+        "notify": notify,
+    }
+    (rules / "r.yaml").write_text(json.dumps({"rules": [rule]}))
+    doc = {"rules_dir": "rules", "templates_dir": str(ROOT / "templates"), "channels": channels, **settings}
+    config = tmp_path / "router.yaml"
+    config.write_text(json.dumps(doc))
+    return load(config)
+
+
+def failed_event(index: int, *, project: str = "test_project", event_id: str | None = None) -> dict[str, Any]:
+    """An EventBridge MediaConvert failure whose task id is ``task-<index>``."""
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"evt-{index:05d}",
+        "source": "acs.imm",
+        "type": "imm:Task:MediaConvert",
+        "subject": "acs.imm:cn-hangzhou:1234567890:task",
+        "time": "2026-11-02T10:00:00+08:00",
+        "data": {
+            "ProjectName": project,
+            "TaskType": "MediaConvert",
+            "TaskId": task_id(index),
+            "Status": "Failed",
+            "Code": "InvalidParameter",
+            "Message": "源文件无法解码 / the source cannot be decoded",
+        },
+    }
+
+
+def task_id(index: int) -> str:
+    return f"task-{index:05d}"
+
+
+def notifications(engine: Engine, events: Iterable[dict[str, Any]], channel: str | None = None) -> list[Notification]:
+    """What the engine makes of ``events`` (for ``channel`` only, if given)."""
+    found = []
+    for doc in events:
+        result = engine.route(decode_object(doc))
+        assert not result.failures, result.failures
+        found += [n for n in result.notifications if channel is None or n.channel == channel]
+    return found
+
+
+def counted(metrics: Metrics, counter: str, channel: str) -> float:
+    """A channel's counter value, e.g. ``counted(m, "notifications_sent", "ding")``."""
+    value = metrics.registry.get_sample_value(f"imm_router_{counter}_total", {"channel": channel})
+    return value or 0.0
+
+
+class VirtualClock:
+    """Virtual monotonic time for Delivery (clock=, sleep=) and FakeDingTalk (clock=).
+
+    Nothing waits for real: once the tasks that can run have run, time jumps to the earliest sleeper's
+    deadline and wakes it. Time may also jump while a request is on the wire; the code under test must
+    be (and the rate limiter is) correct for any latency, so that only makes the test harder."""
+
+    def __init__(self, start: float = 10_000.0) -> None:
+        self.start = start
+        self.now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._driver: asyncio.Task[None] | None = None
+        self._running = asyncio.Event()
+        self._running.set()
+
+    def __call__(self) -> float:
+        return self.now
+
+    @property
+    def elapsed(self) -> float:
+        return self.now - self.start
+
+    async def sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + delay, next(self._order), future))
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
+        await future
+
+    def pause(self) -> None:
+        """Stop time (sleepers stay asleep) until :meth:`resume`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward without waking anyone (a sleeper past its deadline wakes on the next jump)."""
+        self.now += seconds
+
+    async def _drive(self) -> None:
+        while self._sleepers:
+            for _ in range(50):  # let whatever is ready run first
+                await asyncio.sleep(0)
+            await self._running.wait()
+            deadline, _, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                self.now = max(self.now, deadline)
+                future.set_result(None)

@@ -1,0 +1,474 @@
+"""The Kafka service against a real broker (Tansu): every wire format end to end, the dead-letter
+topic, crash and restart, rebalance, SIGTERM, and backpressure from a stalled channel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from router.embedded.broker import TansuBroker
+from router.embedded.dingtalk import FakeDingTalk
+from router.embedded.smtp import SmtpCapture
+from router.embedded.webhook import WebhookCapture
+from router.engine import load
+from router.service import Service
+from tests.conftest import EVENTS, ROOT
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Wait on a condition (checked as the loop turns), failing with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, list[tuple[str, bytes]]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value, headers in records:
+            await producer.send_and_wait(
+                topic, value=value, key=b"tombstone" if value is None else None, headers=headers
+            )
+    finally:
+        await producer.stop()
+
+
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
+    """Read ``topic`` from the start until ``count`` records arrived."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(records) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}: {len(records)} of {count} records after {timeout}s")
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> int:
+    """The group's committed offsets on ``topic``, summed (what a restart would resume from)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
+        return sum(o for o in offsets if o)
+    finally:
+        await consumer.stop()
+
+
+def config(
+    tmp_path: Path,
+    bootstrap: str,
+    topic: str,
+    *,
+    channels: dict[str, Any] | None = None,
+    rules_dir: Path | None = None,
+    service: dict[str, Any] | None = None,
+) -> Path:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "rules_dir": str(rules_dir or ROOT / "rules"),
+                "templates_dir": str(ROOT / "templates"),
+                "channels": channels or {},
+                "kafka": {
+                    "bootstrap_servers": bootstrap,
+                    "topics": [topic],
+                    "group_id": f"{topic}-group",
+                    "dead_letter_topic": f"{topic}-dlq",
+                    "session_timeout_ms": 1000,
+                    "heartbeat_interval_ms": 200,
+                },
+                "service": {"commit_interval_seconds": 0.1, "drain_timeout_seconds": 10, **(service or {})},
+                "http": {"enabled": False},
+            }
+        )
+    )
+    return path
+
+
+def kafka_only_rules(tmp_path: Path, template: str = "kafka/alert.json.j2", channel: str = "alerts") -> Path:
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "r.yaml").write_text(
+        "rules:\n  - name: any-failure\n    when: \"imm.outcome == 'failed' || imm.moderation.suggestion == 'block'\"\n"
+        f"    notify: [{{channel: {channel}, template: {template}}}]\n"
+    )
+    return rules
+
+
+@contextlib.asynccontextmanager
+async def running(path: Path) -> AsyncIterator[Service]:
+    service = Service(load(path), path)
+    task = asyncio.create_task(service.run())
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def failed_task(task_id: str) -> bytes:
+    return json.dumps(
+        {
+            "TaskType": "MediaConvert",
+            "TaskId": task_id,
+            "RequestId": f"req-{task_id}",
+            "Status": "Failed",
+            "Code": "InvalidArgument",
+            "ProjectName": "p",
+        }
+    ).encode()
+
+
+def wire_formats() -> list[tuple[str, bytes, list[tuple[str, bytes]]]]:
+    cloudevent = json.loads((EVENTS / "eventbridge" / "Task-AsyncTask.json").read_text())
+    mns_content = (EVENTS / "mns" / "MediaConvert-Failed.json").read_text()
+    mns = json.dumps(
+        {
+            "id": "mns-1",
+            "source": "acs.imm",
+            "type": "imm:Task:MediaConvert",
+            "subject": "",
+            "time": "1724133063161",
+            "content": mns_content,
+        }
+    ).encode()
+    block = (EVENTS / "mns" / "ImageModeration-block.json").read_bytes()
+    mns_b64 = base64.b64encode(
+        json.dumps(
+            {
+                "id": "mns-2",
+                "source": "acs.imm",
+                "type": "imm:Task:ImageModeration",
+                "time": "1724133063161",
+                "content": block.decode(),
+            }
+        ).encode()
+    )
+    binary_headers = [(f"ce_{k}", str(v).encode()) for k, v in cloudevent.items() if k != "data"]
+    binary_headers = [(k, v.replace(b"fab****", b"binary")) for k, v in binary_headers]
+    return [
+        ("45ef4dewdwe1-7c35-447a-bd93-fab****", json.dumps(cloudevent).encode(), []),
+        ("45ef4dewdwe1-7c35-447a-bd93-binary", json.dumps(cloudevent["data"]).encode(), binary_headers),
+        ("mns-1", mns, []),
+        ("mns-2", mns_b64, []),
+        ("B39E157F-517B-069D-905D-****", (EVENTS / "mns" / "PointCloudCompress-Failed.json").read_bytes(), []),
+    ]
+
+
+async def test_every_wire_format_end_to_end_to_all_channels(
+    tansu: TansuBroker, unique_topic, tmp_path: Path, smtp_plain: SmtpCapture
+) -> None:
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    async with FakeDingTalk({"tok": "sec"}, rate_limit=1000) as dingtalk:
+        path = config(
+            tmp_path,
+            tansu.bootstrap_servers,
+            topic,
+            channels={
+                "alerts-topic": {"type": "kafka", "topic": alerts},
+                "oncall-dingtalk": {
+                    "type": "dingtalk",
+                    "url": dingtalk.webhook_url("tok"),
+                    "secret": "sec",
+                    "rate_limit": {"per_minute": 1000},
+                },
+                "ops-email": {
+                    "type": "email",
+                    "host": "127.0.0.1",
+                    "port": smtp_plain.port,
+                    "tls": "none",
+                    "from": "r@example.com",
+                    "to": ["o@example.com"],
+                },
+            },
+        )
+        cases = wire_formats()
+        async with running(path):
+            await produce(tansu.bootstrap_servers, topic, [(value, headers) for _, value, headers in cases])
+            records = await consume(tansu.bootstrap_servers, alerts, len(cases))
+            await dingtalk.wait_for(len(cases), timeout=20)
+            await smtp_plain.wait_for(len(cases) - 1, timeout=20)  # moderation-block mails ops too
+    headers = [dict(r.headers) for r in records]
+    assert sorted(h["imm-event-id"].decode() for h in headers) == sorted(event_id for event_id, _, _ in cases)
+    assert {h["imm-rule"].decode() for h in headers} == {"task-failed", "moderation-block"}
+    mail_ids = {m.message["X-IMM-Event-Id"] for m in smtp_plain.messages}
+    assert mail_ids == {event_id for event_id, _, _ in cases}
+    assert dingtalk.errcodes.get(0) == len(dingtalk.messages) >= len(cases)
+
+
+POISON = [
+    (b"\xff\xfe garbage", "not valid UTF-8"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"type": "imm:Task:X", "source": "acs.imm", "content": "[1]"}', "MNS content is not a JSON object"),
+    (b"[" * 3000 + b"]" * 3000, "nested deeper than"),
+    (b'{"a": NaN}', "not valid JSON"),
+    (None, "empty record"),
+    (b"x" * 70_000, "over the 65536-byte limit"),
+]
+
+
+async def test_poison_records_are_dead_lettered_and_consumption_continues(
+    tansu: TansuBroker, unique_topic, tmp_path: Path
+) -> None:
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    text = path.read_text().replace('"rules_dir"', '"max_event_bytes": 65536, "rules_dir"')
+    path.write_text(text)
+    records = [(value, [("trace", b"t-%d" % i)]) for i, (value, _) in enumerate(POISON)]
+    records.append((failed_task("after-poison"), []))
+    async with running(path) as service:
+        await produce(tansu.bootstrap_servers, topic, records)
+        dead = await consume(tansu.bootstrap_servers, f"{topic}-dlq", len(POISON))
+        routed = await consume(tansu.bootstrap_servers, alerts, 1)
+        await wait_until(
+            lambda: sum(t.committed or 0 for t in service.trackers.values()) == len(records),
+            what="offsets committed past the poison",
+        )
+    assert json.loads(routed[0].value)["imm"]["task_id"] == "after-poison"
+    by_trace = {dict(r.headers)["trace"]: dict(r.headers) for r in dead}
+    for i, (_, problem) in enumerate(POISON):
+        headers = by_trace[b"t-%d" % i]
+        assert problem in headers["imm-dlq-reason"].decode()
+        assert headers["imm-dlq-topic"].decode() == topic
+        assert {"imm-dlq-partition", "imm-dlq-offset", "imm-dlq-time"} <= set(headers)
+    values = {dict(r.headers)["trace"]: r.value for r in dead}
+    assert values[b"t-0"] == POISON[0][0] and values[b"t-6"] is None  # original value kept as is
+    assert service.metrics.decode_failures._value.get() == len(POISON)
+
+
+async def test_exhausted_delivery_is_dead_lettered_with_rule_and_channel(
+    tansu: TansuBroker, unique_topic, tmp_path: Path, webhook: WebhookCapture
+) -> None:
+    topic = unique_topic("events")
+    webhook.set_statuses([400])
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
+        channels={"hook": {"type": "webhook", "url": webhook.url + "/alerts"}},
+    )
+    async with running(path):
+        await produce(tansu.bootstrap_servers, topic, [(failed_task("t-400"), [("k", b"v")])])
+        dead = await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
+    headers = dict(dead[0].headers)
+    assert headers["imm-dlq-rule"] == b"any-failure" and headers["imm-dlq-channel"] == b"hook"
+    assert headers["imm-dlq-reason"].startswith(b"delivery: ") and b"400" in headers["imm-dlq-reason"]
+    assert headers["k"] == b"v" and dead[0].value == failed_task("t-400")
+
+
+async def test_a_stalled_channel_pauses_fetching_instead_of_growing_memory(
+    tansu: TansuBroker, unique_topic, tmp_path: Path, webhook: WebhookCapture
+) -> None:
+    topic = unique_topic("events")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
+        channels={"hook": {"type": "webhook", "url": webhook.url, "concurrency": 2, "retry": {"budget_seconds": 120}}},
+        service={"max_in_flight": 40, "max_in_flight_per_partition": 15},
+    )
+    webhook.hold()
+    n = 300
+    async with running(path) as service:
+        await produce(tansu.bootstrap_servers, topic, [(failed_task(f"s-{i}"), []) for i in range(n)])
+        await wait_until(lambda: service.metrics.paused._value.get() == 1, what="fetching paused")
+        assert service.peak_in_flight <= 40
+        assert len(webhook.requests) <= 2  # the channel's concurrency limit holds
+        webhook.release()
+        await webhook.wait_for(n, timeout=60)
+        await wait_until(
+            lambda: sum(t.committed or 0 for t in service.trackers.values()) == n,
+            timeout=30,
+            what="all offsets committed",
+        )
+    assert service.peak_in_flight <= 40
+    assert sorted(r.json()["imm"]["task_id"] for r in webhook.requests.items) == sorted(f"s-{i}" for i in range(n))
+
+
+# --- router processes -----------------------------------------------------------------------------
+
+
+async def start_router(path: Path, log: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router",
+        "run",
+        "--config",
+        str(path),
+        stdout=log.open("ab"),
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ},
+    )
+
+
+async def alert_ids(bootstrap: str, topic: str, expected: set[str], timeout: float = 60.0) -> list[str]:
+    """Task ids of the alerts on ``topic``, read until every expected id arrived."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not expected <= set(ids):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"missing alerts: {sorted(expected - set(ids))[:10]} …")
+            for batch in (await consumer.getmany(timeout_ms=300)).values():
+                ids.extend(json.loads(r.value)["imm"]["task_id"] for r in batch)
+    finally:
+        await consumer.stop()
+    return ids
+
+
+async def test_sigkill_mid_stream_and_restart_loses_nothing(tansu: TansuBroker, unique_topic, tmp_path: Path) -> None:
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    expected = {f"k-{i}" for i in range(400)}
+    router = await start_router(path, tmp_path / "router.log")
+    try:
+        await produce(tansu.bootstrap_servers, topic, [(failed_task(t), []) for t in sorted(expected)])
+        await alert_ids(tansu.bootstrap_servers, alerts, {"k-0"}, timeout=30)  # mid-stream
+        router.kill()
+        await router.wait()
+        router = await start_router(path, tmp_path / "router.log")
+        ids = await alert_ids(tansu.bootstrap_servers, alerts, expected)
+    finally:
+        router.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(router.wait(), 30)
+    assert expected <= set(ids)
+
+
+async def test_two_routers_in_one_group_lose_nothing_and_sigterm_commits(
+    tansu: TansuBroker, unique_topic, tmp_path: Path
+) -> None:
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+    await admin.close()
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    first = [f"a-{i}" for i in range(150)]
+    second = [f"b-{i}" for i in range(150)]
+    one = await start_router(path, tmp_path / "one.log")
+    two = None
+    try:
+        await produce(tansu.bootstrap_servers, topic, [(failed_task(t), []) for t in first])
+        await alert_ids(tansu.bootstrap_servers, alerts, {"a-0"}, timeout=30)
+        two = await start_router(path, tmp_path / "two.log")  # joins the group: a rebalance mid-stream
+        await wait_until(
+            lambda: "assigned" in (tmp_path / "two.log").read_text(),
+            timeout=30,
+            what="the second router to get partitions",
+        )
+        await produce(tansu.bootstrap_servers, topic, [(failed_task(t), []) for t in second])
+        ids = await alert_ids(tansu.bootstrap_servers, alerts, set(first) | set(second))
+    finally:
+        for router in (one, two):
+            if router is not None:
+                router.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(r.wait(), 30) for r in (one, two) if r is not None]
+    assert set(first) | set(second) <= set(ids)
+    assert codes == [0, 0], (tmp_path / "one.log").read_text()[-2000:]
+    assert await committed(tansu.bootstrap_servers, f"{topic}-group", topic) == len(first) + len(second)
+
+
+async def test_broker_unreachable_at_start_then_available(tansu_factory, unique_topic, tmp_path: Path) -> None:
+    from router.embedded import free_port
+
+    port = free_port()
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = config(
+        tmp_path,
+        f"127.0.0.1:{port}",
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    async with running(path):
+        broker: TansuBroker = await tansu_factory(port=port)  # the router keeps retrying until this
+        await produce(broker.bootstrap_servers, topic, [(failed_task("late"), [])])
+        assert await alert_ids(broker.bootstrap_servers, alerts, {"late"}) == ["late"]
+
+
+async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, unique_topic, tmp_path: Path) -> None:
+    broker: TansuBroker = await tansu_factory(storage_engine="s3://tansu/", env=moto_s3.broker_env())
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = config(
+        tmp_path,
+        broker.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    async with running(path):
+        await produce(broker.bootstrap_servers, topic, [(failed_task("before"), [])])
+        await alert_ids(broker.bootstrap_servers, alerts, {"before"})
+        await broker.restart()
+        await produce(broker.bootstrap_servers, topic, [(failed_task("after"), [])])
+        ids = await alert_ids(broker.bootstrap_servers, alerts, {"before", "after"})
+    assert {"before", "after"} <= set(ids)
+
+
+def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
+    from router.service import PartitionTracker
+
+    tracker = PartitionTracker()
+    for offset in range(10, 15):
+        tracker.start(offset)
+    tracker.settle(12)
+    tracker.settle(11)
+    assert tracker.next_commit is None  # 10 still in flight
+    tracker.settle(10)
+    assert tracker.next_commit == 13 and tracker.in_flight == 2
+    tracker.settle(14)
+    tracker.settle(13)
+    assert tracker.next_commit == 15 and tracker.in_flight == 0
