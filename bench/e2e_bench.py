@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import orjson
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from router.decode import decode
@@ -97,31 +98,23 @@ async def raw_baseline(bootstrap: str, topic: str, n: int) -> float:
 
 
 def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
-    # The shipped rules name three channels; here all three are Kafka topics.
-    channels = {
-        name: {"type": "kafka", "topic": f"{topic}-{name}", "concurrency": 512}
-        for name in ("oncall-dingtalk", "ops-email", "alerts-topic")
-    }
+    # The shipped rules, each notifying one Kafka channel with the shipped Kafka template.
+    rules = directory / "rules"
+    rules.mkdir()
+    for source in sorted((ROOT / "rules").glob("*.yaml")):
+        doc = yaml.safe_load(source.read_text())
+        for rule in doc["rules"]:
+            rule["notify"] = [{"channel": "alerts-topic", "template": "kafka/alert.json.j2"}]
+        (rules / source.name).write_text(yaml.safe_dump(doc, allow_unicode=True))
     path = directory / "router.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "rules_dir": str(ROOT / "rules"),
-                "templates_dir": str(ROOT / "templates"),
-                "channels": channels,
-                "kafka": {
-                    "bootstrap_servers": bootstrap,
-                    "topics": [topic],
-                    "group_id": f"{topic}-router",
-                    "dead_letter_topic": f"{topic}-dlq",
-                    "session_timeout_ms": 1000,
-                    "heartbeat_interval_ms": 200,
-                },
-                "service": {"max_in_flight": 5000, "max_in_flight_per_partition": 2000, "dedup_ttl_seconds": 0},
-                "http": {"enabled": False},
-            }
-        )
-    )
+    path.write_text(json.dumps({
+        "rules_dir": str(rules), "templates_dir": str(ROOT / "templates"),
+        "channels": {"alerts-topic": {"type": "kafka", "topic": f"{topic}-alerts-topic", "concurrency": 1000}},
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": f"{topic}-router",
+                  "dead_letter_topic": f"{topic}-dlq", "session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+        "service": {"max_in_flight": 5000, "max_in_flight_per_partition": 2000, "dedup_ttl_seconds": 0},
+        "http": {"enabled": False},
+    }))
     return path
 
 

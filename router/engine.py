@@ -50,10 +50,11 @@ class Engine:
 
     def route(self, event: Event) -> RouteResult:
         result = RouteResult()
-        matched = self.rules.match(event, rule_root(event))
+        root = rule_root(event)
+        matched = self.rules.match(event, root)
         if not matched:
             return result
-        base = {"event": event.event_doc(), "data": event.data, "imm": event.view}
+        base = {"event": root["event"], "data": event.data, "imm": event.view}
         for rule in matched:
             context = {**base, "rule": _rule_doc(rule)}
             for target in rule.spec.notify:

@@ -10,6 +10,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from router.channels import email as email_channel
 from router.channels import make_channel
 from router.channels.base import Channel
 from router.config import KafkaSettings
@@ -89,6 +90,22 @@ async def test_one_connection_carries_many_messages(tmp_path: Path, ca: trustme.
             await channel.close()
         await server.wait_for(5)
     assert len(set(server.peers)) == 1
+
+
+async def test_a_long_idle_connection_is_not_reused(
+    tmp_path: Path, ca: trustme.CA, ca_pem_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(email_channel, "MAX_IDLE_SECONDS", 0.0)  # every connection counts as idle too long
+    async with PeerRecordingSmtp(ca, ca_pem_path, auth=(SMTP_USERNAME, SMTP_PASSWORD)) as server:
+        server.peers = []
+        channel, batch = setup(tmp_path, server, count=2)
+        try:
+            for notification in batch:
+                await channel.send(notification)
+        finally:
+            await channel.close()
+        await server.wait_for(2)
+    assert len(set(server.peers)) == 2
 
 
 async def test_implicit_tls(tmp_path: Path, smtps: TlsSmtpCapture) -> None:

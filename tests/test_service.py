@@ -48,8 +48,10 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, 
         await producer.stop()
 
 
-async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
-    """Read ``topic`` from the start until ``count`` records arrived."""
+async def consume_until(
+    bootstrap: str, topic: str, done: Callable[[list[Any]], bool], what: str, timeout: float = 30.0
+) -> list[Any]:
+    """Read ``topic`` from the start until ``done(records)``."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -57,14 +59,18 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0)
     records: list[Any] = []
     deadline = time.monotonic() + timeout
     try:
-        while len(records) < count:
+        while not done(records):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{topic}: {len(records)} of {count} records after {timeout}s")
+                raise AssertionError(f"{topic}: {what} not there after {timeout}s ({len(records)} records)")
             for batch in (await consumer.getmany(timeout_ms=300)).values():
                 records.extend(batch)
     finally:
         await consumer.stop()
     return records
+
+
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
+    return await consume_until(bootstrap, topic, lambda records: len(records) >= count, f"{count} records", timeout)
 
 
 async def committed(bootstrap: str, group: str, topic: str) -> int:
@@ -340,21 +346,12 @@ async def start_router(path: Path, log: Path) -> asyncio.subprocess.Process:
 
 async def alert_ids(bootstrap: str, topic: str, expected: set[str], timeout: float = 60.0) -> list[str]:
     """Task ids of the alerts on ``topic``, read until every expected id arrived."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    ids: list[str] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not expected <= set(ids):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"missing alerts: {sorted(expected - set(ids))[:10]} …")
-            for batch in (await consumer.getmany(timeout_ms=300)).values():
-                ids.extend(json.loads(r.value)["imm"]["task_id"] for r in batch)
-    finally:
-        await consumer.stop()
-    return ids
+
+    def ids(records: list[Any]) -> list[str]:
+        return [json.loads(r.value)["imm"]["task_id"] for r in records]
+
+    what = f"alerts {sorted(expected)[:5]}…"
+    return ids(await consume_until(bootstrap, topic, lambda records: expected <= set(ids(records)), what, timeout))
 
 
 async def test_sigkill_mid_stream_and_restart_loses_nothing(tansu: TansuBroker, unique_topic, tmp_path: Path) -> None:

@@ -110,10 +110,11 @@ class DingTalkChannel:
     def __init__(self, name: str, config: DingTalkConfig) -> None:
         self.name = name
         self.config = config
+        self._robot = URL(config.url.get_secret_value())
         self._http = HttpClient(name, config.timeout_seconds, Scrubber(config.secret_values()))
 
     def _url(self) -> URL:
-        url = URL(self.config.url.get_secret_value())
+        url = self._robot
         if self.config.secret is None:
             return url
         # DingTalk accepts a signature for an hour; computing it per request keeps it fresh.
@@ -147,7 +148,7 @@ class DingTalkChannel:
 
     async def health(self) -> str:
         # Reachability only: a request to the robot, even a refused one, might count against its 20 a minute.
-        return await self._http.reachable(URL(self.config.url.get_secret_value()))
+        return await self._http.reachable(self._robot)
 
     async def close(self) -> None:
         await self._http.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Mapping
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
@@ -18,6 +19,10 @@ from router.errors import DeliveryError
 from router.notification import Notification
 
 log = logging.getLogger(__name__)
+
+# Servers drop idle sessions after a few minutes, and a NAT may drop them silently (the next send would
+# then hang until its timeout): a connection idle longer than this is closed rather than reused.
+MAX_IDLE_SECONDS = 60.0
 
 
 class EmailConfig(ChannelConfigBase):
@@ -55,7 +60,7 @@ class EmailChannel:
         self.name = name
         self.config = config
         self._scrub = Scrubber(config.secret_values())
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # with the time each went idle
         self._tls_context: ssl.SSLContext | None = None
 
     def _message(self, payload: Mapping[str, Any]) -> EmailMessage:
@@ -112,7 +117,7 @@ class EmailChannel:
         except BaseException:
             client.close()  # the session state is unknown: never reuse it
             raise
-        self._idle.append(client)
+        self._idle.append((client, time.monotonic()))
         if refused:
             # Delivered to the others: a retry would send them a second copy.
             log.warning("%s: recipients refused: %s", self.name, ", ".join(f"{r}: {v}" for r, v in refused.items()))
@@ -120,18 +125,25 @@ class EmailChannel:
     async def send(self, notification: Notification) -> None:
         message = self._message(notification.payload)
         try:
-            client = self._idle.pop() if self._idle else None
-            if client is not None and client.is_connected:
+            client = self._reusable()
+            if client is not None:
                 try:
                     await self._transact(client, message)
                     return
                 except aiosmtplib.SMTPServerDisconnected:
                     pass  # the server dropped the idle connection at the wrong moment: one fresh try
-            elif client is not None:
-                client.close()
             await self._transact(await self._connect(), message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._classify(exc) from None
+
+    def _reusable(self) -> aiosmtplib.SMTP | None:
+        """The most recently used idle connection that is still good; the stale ones are closed."""
+        while self._idle:
+            client, since = self._idle.pop()
+            if client.is_connected and time.monotonic() - since < MAX_IDLE_SECONDS:
+                return client
+            client.close()
+        return None
 
     def _classify(self, exc: BaseException) -> DeliveryError:
         tls = _tls_error(exc)
@@ -158,22 +170,22 @@ class EmailChannel:
         return DeliveryError(self._scrub(message), retriable=retriable, channel=self.name)
 
     async def health(self) -> str:
+        # A connection of its own, from scratch: connecting, TLS and AUTH are what can go wrong.
         try:
             client = await self._connect()
             try:
                 await client.noop()
-            except BaseException:
+                await client.quit()
+            finally:
                 client.close()
-                raise
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._classify(exc) from None
-        self._idle.append(client)
         auth = f", AUTH as {self.config.username}" if self.config.username else ""
         return f"SMTP {self.config.host}:{self.config.port} answered EHLO and NOOP (tls {self.config.tls}{auth})"
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
+        for client, _ in idle:
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError):

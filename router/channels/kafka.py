@@ -28,6 +28,7 @@ class KafkaChannelConfig(ChannelConfigBase):
     acks: Literal["all", "1", "0"] = "all"
     idempotent: bool = Field(default=False, description="aiokafka's idempotent producer; Tansu does not support it")
     linger_ms: int = Field(default=5, ge=0)
+    max_batch_bytes: int = Field(default=1_048_576, gt=0)
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         return {
@@ -64,6 +65,8 @@ class KafkaChannel:
                     acks="all" if cfg.acks == "all" else int(cfg.acks),
                     enable_idempotence=cfg.idempotent,
                     linger_ms=cfg.linger_ms,
+                    # Alerts are ~1-2 KB: the 16 KB default batch caps a storm at a few hundred a second.
+                    max_batch_size=cfg.max_batch_bytes,
                     request_timeout_ms=int(cfg.timeout_seconds * 1000),
                     **options,
                 )

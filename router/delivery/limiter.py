@@ -10,7 +10,7 @@ however long a round trip took, no window of the server's holds more than N of t
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable
 
 from router.channels.base import RateLimit
@@ -18,15 +18,28 @@ from router.channels.base import RateLimit
 WINDOW_SECONDS = 60.0
 # For clock-rate differences and a request arriving just after we gave up waiting for its answer.
 MARGIN_SECONDS = 1.0
+MIN_WAIT_SECONDS = 0.001
 
 
 class Slot:
-    """One request's place in the log; ``finished`` is set when its answer (or failure) came back."""
+    """One request's place in the log, reserved from the limiter that handed it out."""
 
-    __slots__ = ("finished",)
+    __slots__ = ("_limiter",)
 
-    def __init__(self) -> None:
-        self.finished: float | None = None
+    def __init__(self, limiter: WindowLimiter) -> None:
+        self._limiter: WindowLimiter | None = limiter
+
+    def release(self) -> None:
+        """The request finished (whatever the outcome): its place frees a window from now."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._finished_one(sent=True)
+
+    def cancel(self) -> None:
+        """No request was made after all: the place frees at once."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._finished_one(sent=False)
 
 
 class WindowLimiter:
@@ -38,7 +51,9 @@ class WindowLimiter:
     ) -> None:
         self._clock = clock
         self._sleep = sleep
-        self._slots: deque[Slot] = deque()  # in reservation order
+        self._in_flight = 0
+        self._finished: list[float] = []  # finish times, ascending: the clock never goes back
+        self._start = 0  # entries before it are older than any window
         self._changed = asyncio.Event()
         self._rules: list[tuple[int, float]] = []
         self.configure(rate)
@@ -55,28 +70,29 @@ class WindowLimiter:
     def _delay(self, now: float) -> float | None:
         """0 when a request may go now, else the seconds until one may; None: not before a request in
         flight finishes."""
-        slots = self._slots
-        while slots and slots[0].finished is not None and slots[0].finished + self._horizon <= now:
-            slots.popleft()
+        finished = self._finished
+        start = bisect_right(finished, now - self._horizon, lo=self._start)
+        if start > 1024 and start * 2 > len(finished):  # drop the expired now and then, not every time
+            del finished[:start]
+            start = 0
+        self._start = start
         delay = 0.0
         for limit, window in self._rules:
-            busy = [s.finished for s in slots if s.finished is None or s.finished + window > now]
-            excess = len(busy) - limit + 1
+            first = bisect_right(finished, now - window, lo=start)  # the oldest still inside this window
+            excess = self._in_flight + len(finished) - first - limit + 1
             if excess <= 0:
                 continue
-            ends = sorted(f + window for f in busy if f is not None)
-            if len(ends) < excess:
+            if excess > len(finished) - first:
                 return None
-            delay = max(delay, ends[excess - 1] - now)
+            delay = max(delay, finished[first + excess - 1] + window - now)
         return delay
 
     def try_acquire(self) -> Slot | None:
         """A slot if a request may go right now."""
         if self._delay(self._clock()) != 0:
             return None
-        slot = Slot()
-        self._slots.append(slot)
-        return slot
+        self._in_flight += 1
+        return Slot(self)
 
     async def acquire(self) -> Slot:
         """Wait for a slot."""
@@ -85,7 +101,8 @@ class WindowLimiter:
             self._changed.clear()
             waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._changed.wait())]
             if delay is not None:
-                waits.append(asyncio.ensure_future(self._sleep(delay)))
+                # A floor, so that float rounding cannot wake us a hair early again and again.
+                waits.append(asyncio.ensure_future(self._sleep(max(delay, MIN_WAIT_SECONDS))))
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -93,13 +110,8 @@ class WindowLimiter:
                     wait.cancel()
         return slot
 
-    def release(self, slot: Slot) -> None:
-        """The request finished (whatever the outcome): its slot frees a window from now."""
-        slot.finished = self._clock()
+    def _finished_one(self, *, sent: bool) -> None:
+        self._in_flight -= 1
+        if sent:
+            self._finished.append(self._clock())
         self._changed.set()
-
-    def cancel(self, slot: Slot) -> None:
-        """No request was made after all."""
-        if slot in self._slots:  # a reload may have replaced the limiter in between
-            self._slots.remove(slot)
-            self._changed.set()

@@ -14,12 +14,14 @@ time to delivered) and circuit_open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.channels import make_channel, scrubber
 from router.channels.base import Channel, ChannelConfigBase, Scrubber
@@ -122,7 +124,10 @@ class Delivery:
             channel = given if given is not None else make_channel(name, config, kafka_defaults=engine.settings.kafka)
             self._lanes[name] = self._new_lane(name, config, channel)
         self._inflight: dict[tuple[str, str, str], asyncio.Future[None]] = {}
-        self._jobs: set[asyncio.Task[str]] = set()
+        self._callers: set[asyncio.Task[Any]] = set()  # tasks inside deliver()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._shut_down: set[asyncio.Task[Any]] = set()  # cancelled by close()
         self._retiring: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -205,20 +210,25 @@ class Delivery:
                 break
             # The same notification is being delivered (a redelivered record): its outcome decides.
             await asyncio.shield(other)
+        me = asyncio.current_task()
+        assert me is not None, "deliver() runs in a task"
         done = asyncio.get_running_loop().create_future()
         self._inflight[key] = done
         job = _Job(notification, record_time)
-        task = asyncio.create_task(self._settle(job))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        self._callers.add(me)
+        self._drained.clear()
         try:
-            return await task
+            return await self._settle(job)
         except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if task.cancelled() and me is not None and not me.cancelling():
-                raise DeliveryFailed(notification, "shutdown", job.attempts) from None  # close() ran out of time
+            # close() ran out of time and cancelled us (like asyncio.timeout, undone if it was only that).
+            if me in self._shut_down and me.uncancel() == 0:
+                raise DeliveryFailed(notification, "shutdown", job.attempts) from None
             raise
         finally:
+            self._callers.discard(me)
+            self._shut_down.discard(me)
+            if not self._callers:
+                self._drained.set()
             del self._inflight[key]
             done.set_result(None)
 
@@ -254,12 +264,19 @@ class Delivery:
         """One attempt at sending; raises DeliveryError (scrubbed) if it failed, _CircuitOpen without trying."""
         endpoint = lane.endpoint
         endpoint.users += 1
+        semaphore = lane.semaphore  # a reload may replace it meanwhile: release the one acquired
         try:
-            async with lane.semaphore:
+            try:
+                await semaphore.acquire()
+            except BaseException:
+                if slot is not None:
+                    slot.cancel()  # cancelled while queued: nothing was sent
+                raise
+            try:
                 # Checked once a send may start: those queued behind a failing round fail fast too.
                 if not lane.breaker.allow(lane.config.circuit_breaker):
-                    if slot is not None and lane.limiter is not None:
-                        lane.limiter.cancel(slot)
+                    if slot is not None:
+                        slot.cancel()
                     raise _CircuitOpen(lane)
                 for job in jobs:
                     job.attempts += 1
@@ -276,8 +293,10 @@ class Delivery:
                     text = lane.scrub(f"{type(exc).__name__}: {exc}")
                     raise DeliveryError(text, retriable=True, channel=lane.name) from None
                 finally:
-                    if slot is not None and lane.limiter is not None:
-                        lane.limiter.release(slot)
+                    if slot is not None:
+                        slot.release()
+            finally:
+                semaphore.release()
         except DeliveryError as err:
             self.metrics.failed.labels(lane.name).inc()
             lane.last_error = str(err)
@@ -359,8 +378,8 @@ class Delivery:
                 slot = await lane.limiter.acquire() if lane.limiter is not None else None
                 batch = self._take_batch(lane)
                 if batch is None:
-                    if slot is not None and lane.limiter is not None:
-                        lane.limiter.cancel(slot)
+                    if slot is not None:
+                        slot.cancel()
                     continue
                 jobs, message = batch
                 await self._send_batch(lane, jobs, message, slot)
@@ -443,13 +462,16 @@ class Delivery:
         """Let pending deliveries and digests finish for up to ``deadline`` seconds; whatever is still
         pending then fails with DeliveryFailed("shutdown"). Then close every channel."""
         self._closing = True
-        if self._jobs:
-            await asyncio.wait(set(self._jobs), timeout=deadline)
-        leftovers: list[asyncio.Task[None] | asyncio.Task[str]] = [*self._jobs]
-        leftovers += [lane.flusher for lane in self._lanes.values() if lane.flusher is not None]
-        for task in leftovers:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), deadline)
+        flushers = [lane.flusher for lane in self._lanes.values() if lane.flusher is not None]
+        for task in flushers:
             task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
+        for task in self._callers:
+            self._shut_down.add(task)
+            task.cancel()
+        await asyncio.gather(*flushers, return_exceptions=True)
+        await self._drained.wait()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         channels = [lane.endpoint.channel for lane in self._lanes.values()] + self._unused
         await asyncio.gather(*(self._close_channel(channel) for channel in channels))
