@@ -133,6 +133,7 @@ class Service:
                 auto_offset_reset=kafka.auto_offset_reset,
                 session_timeout_ms=kafka.session_timeout_ms,
                 heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+                fetch_max_wait_ms=kafka.fetch_max_wait_ms,
                 **options,
             )
             producer = AIOKafkaProducer(acks="all", **options)
