@@ -100,7 +100,7 @@ async def in_parallel(items: Sequence[Any], worker: Callable[[Any], Awaitable[No
     await asyncio.gather(*(sender() for _ in range(CONCURRENCY)))
 
 
-def router(delivery: Delivery) -> Sender:
+def at_once(delivery: Delivery) -> Sender:
     """All notifications handed to Delivery at once, as the service does; it keeps 4 sends in flight."""
 
     async def send_all(batch: list[Notification]) -> None:
@@ -108,6 +108,15 @@ def router(delivery: Delivery) -> Sender:
         assert set(outcomes) == {"sent"}, outcomes
 
     return send_all
+
+
+def by_senders(delivery: Delivery) -> Sender:
+    """Delivery driven like the baseline: CONCURRENCY callers, one notification at a time each."""
+
+    async def deliver(n: Notification) -> None:
+        assert await delivery.deliver(n) == "sent"
+
+    return bare(deliver)
 
 
 def bare(send: Callable[[Notification], Awaitable[None]]) -> Sender:
@@ -210,25 +219,29 @@ async def per_minute(sender: Sender, batch: list[Notification]) -> float:
 
 async def main(count: int, rounds: int) -> None:
     benches = {"email (STARTTLS+AUTH)": email, "dingtalk (no limit)": dingtalk, "kafka": kafka, "webhook": webhook}
-    print(f"{count} messages a round, median of {rounds} alternating rounds after a warm-up; messages per minute:")
-    print(f"{'channel':<24}{'imm-router':>14}{'bare library':>14}{'ratio':>8}")
+    print(f"{count} messages a round, median of {rounds} alternating rounds after a warm-up; messages per minute")
+    print("(router: Delivery.deliver from 4 callers like the baseline, and with every notification at once):")
+    print(f"{'channel':<24}{'bare library':>14}{'router':>10}{'ratio':>7}{'at once':>10}{'ratio':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, bench in benches.items():
             async with bench(Path(tmp)) as (engine, channel, baseline):
                 batch = notifications_for(engine, channel, count)
                 delivery = Delivery(engine, {}, Metrics())
-                ours = router(delivery)
+                senders = [baseline, by_senders(delivery), at_once(delivery)]
                 try:
-                    await ours(batch[:50])  # connections, TLS, AUTH, producer start: outside the clock
-                    await baseline(batch[:50])
-                    results: dict[Sender, list[float]] = {ours: [], baseline: []}
+                    for sender in senders:  # connections, TLS, AUTH, producer start: outside the clock
+                        await sender(batch[:50])
+                    results: list[list[float]] = [[] for _ in senders]
                     for _ in range(rounds):
-                        for sender, found in results.items():
+                        for sender, found in zip(senders, results, strict=True):
                             found.append(await per_minute(sender, batch))
                 finally:
                     await delivery.close(5)
-            mine, theirs = statistics.median(results[ours]), statistics.median(results[baseline])
-            print(f"{name:<24}{mine:>14,.0f}{theirs:>14,.0f}{mine / theirs:>8.2f}")
+            bare_rate, router_rate, at_once_rate = (statistics.median(r) for r in results)
+            print(
+                f"{name:<24}{bare_rate:>14,.0f}{router_rate:>10,.0f}{router_rate / bare_rate:>7.2f}"
+                f"{at_once_rate:>10,.0f}{at_once_rate / bare_rate:>7.2f}"
+            )
 
 
 if __name__ == "__main__":

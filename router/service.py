@@ -26,7 +26,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from router.channels import make_channel
-from router.channels.base import Channel
 from router.decode import decode, iter_events
 from router.delivery.pipeline import Delivery, DeliveryFailed
 from router.engine import Engine, load
@@ -93,7 +92,6 @@ class Service:
         self.settled = asyncio.Condition()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.channels: dict[str, Channel] = {}
         self.delivery: Delivery | None = None
         self._since_commit = 0
         self._last_commit = time.monotonic()
@@ -105,11 +103,11 @@ class Service:
 
     async def run(self) -> None:
         settings = self.engine.settings
-        self.channels = {
+        channels = {
             name: make_channel(name, config, kafka_defaults=settings.kafka)
             for name, config in settings.channels.items()
         }
-        self.delivery = Delivery(self.engine, self.channels, self.metrics)
+        self.delivery = Delivery(self.engine, channels, self.metrics)
         health = asyncio.create_task(self.watch_channels())
         try:
             if await self._connect():
@@ -379,7 +377,9 @@ class Service:
         """Check every channel's health now and then, for /readyz."""
         interval = self.engine.settings.service.health_interval_seconds
         while not self.stopping.is_set():
-            for name, channel in list(self.channels.items()):
+            # Delivery owns the channels: a reload replaces the ones whose config changed.
+            channels = self.delivery.channels if self.delivery is not None else {}
+            for name, channel in list(channels.items()):
                 try:
                     await asyncio.wait_for(channel.health(), 10.0)
                     self.channel_health[name] = "ok"

@@ -127,6 +127,17 @@ def kafka_only_rules(tmp_path: Path, template: str = "kafka/alert.json.j2", chan
     return rules
 
 
+def kafka_router(tmp_path: Path, bootstrap: str, topic: str, alerts: str) -> Path:
+    """A router config whose one rule sends every failure to the Kafka topic ``alerts``."""
+    return config(
+        tmp_path,
+        bootstrap,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(path: Path) -> AsyncIterator[Service]:
     service = Service(load(path), path)
@@ -244,13 +255,7 @@ async def test_poison_records_are_dead_lettered_and_consumption_continues(
     tansu: TansuBroker, unique_topic, tmp_path: Path
 ) -> None:
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    path = config(
-        tmp_path,
-        tansu.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path),
-        channels={"alerts": {"type": "kafka", "topic": alerts}},
-    )
+    path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
     text = path.read_text().replace('"rules_dir"', '"max_event_bytes": 65536, "rules_dir"')
     path.write_text(text)
     records = [(value, [("trace", b"t-%d" % i)]) for i, (value, _) in enumerate(POISON)]
@@ -356,13 +361,7 @@ async def alert_ids(bootstrap: str, topic: str, expected: set[str], timeout: flo
 
 async def test_sigkill_mid_stream_and_restart_loses_nothing(tansu: TansuBroker, unique_topic, tmp_path: Path) -> None:
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    path = config(
-        tmp_path,
-        tansu.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path),
-        channels={"alerts": {"type": "kafka", "topic": alerts}},
-    )
+    path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
     expected = {f"k-{i}" for i in range(400)}
     router = await start_router(path, tmp_path / "router.log")
     try:
@@ -386,13 +385,7 @@ async def test_two_routers_in_one_group_lose_nothing_and_sigterm_commits(
     await admin.start()
     await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
     await admin.close()
-    path = config(
-        tmp_path,
-        tansu.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path),
-        channels={"alerts": {"type": "kafka", "topic": alerts}},
-    )
+    path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
     first = [f"a-{i}" for i in range(150)]
     second = [f"b-{i}" for i in range(150)]
     one = await start_router(path, tmp_path / "one.log")
@@ -423,13 +416,7 @@ async def test_broker_unreachable_at_start_then_available(tansu_factory, unique_
 
     port = free_port()
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    path = config(
-        tmp_path,
-        f"127.0.0.1:{port}",
-        topic,
-        rules_dir=kafka_only_rules(tmp_path),
-        channels={"alerts": {"type": "kafka", "topic": alerts}},
-    )
+    path = kafka_router(tmp_path, f"127.0.0.1:{port}", topic, alerts)
     async with running(path):
         broker: TansuBroker = await tansu_factory(port=port)  # the router keeps retrying until this
         await produce(broker.bootstrap_servers, topic, [(failed_task("late"), [])])
@@ -439,13 +426,7 @@ async def test_broker_unreachable_at_start_then_available(tansu_factory, unique_
 async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, unique_topic, tmp_path: Path) -> None:
     broker: TansuBroker = await tansu_factory(storage_engine="s3://tansu/", env=moto_s3.broker_env())
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    path = config(
-        tmp_path,
-        broker.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path),
-        channels={"alerts": {"type": "kafka", "topic": alerts}},
-    )
+    path = kafka_router(tmp_path, broker.bootstrap_servers, topic, alerts)
     async with running(path):
         await produce(broker.bootstrap_servers, topic, [(failed_task("before"), [])])
         await alert_ids(broker.bootstrap_servers, alerts, {"before"})
