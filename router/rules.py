@@ -196,6 +196,8 @@ class _Plan:
 @dataclass
 class RuleSet:
     rules: list[Rule]
+    # Called with each rule that fails on an event (the service counts them per rule).
+    on_error: Callable[[Rule], None] | None = None
     _plans: dict[str, _Plan] = field(default_factory=dict)
     _implied: dict[int, dict[PathKey, frozenset[str]]] = field(default_factory=dict)
     _interpreter: TreeInterpreter = field(default_factory=lambda: TreeInterpreter(JMESPATH_OPTIONS))
@@ -239,6 +241,8 @@ class RuleSet:
                     matched.append(rule)
             except (JMESPathError, TypeError, ValueError, RecursionError) as exc:
                 rule.errors += 1
+                if self.on_error is not None:
+                    self.on_error(rule)
                 if rule.errors == 1:
                     log.warning(
                         "rule %s (%s:%d) failed on event %s and is treated as not matching: %s",

@@ -83,9 +83,9 @@ def dead_letter_headers(
 
 class Service:
     def __init__(self, engine: Engine, config_path: Path | None = None, metrics: Metrics | None = None) -> None:
-        self.engine = engine
         self.config_path = config_path
         self.metrics = metrics or Metrics()
+        self.engine = self._instrumented(engine)
         self.stopping = asyncio.Event()
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -387,6 +387,10 @@ class Service:
                     self.channel_health[name] = f"unhealthy: {exc}"[:300]
             await self._wait(interval)
 
+    def _instrumented(self, engine: Engine) -> Engine:
+        engine.rules.on_error = lambda rule: self.metrics.rule_errors.labels(rule.name).inc()
+        return engine
+
     # --- hot reload -----------------------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -399,6 +403,7 @@ class Service:
             self.metrics.reloads.labels("failed").inc()
             log.error("reload failed, keeping the running config:\n%s", exc)
             return False
+        engine = self._instrumented(engine)
         if engine.settings.kafka != self.engine.settings.kafka:
             log.warning("kafka settings changed: they take effect after a restart")
         self.engine = engine

@@ -102,6 +102,10 @@ def test_a_runtime_error_means_no_match_counted_and_logged_once(
             assert fired(engine, event({}, id_=f"e{i}")) == ["ok"]
     broken = engine.rules.rules[0]
     assert broken.errors == 3
+    counted: list[str] = []
+    engine.rules.on_error = lambda rule: counted.append(rule.name)
+    assert fired(engine, event({}, id_="e9")) == ["ok"]
+    assert counted == ["broken"]
     assert sum("broken" in r.getMessage() for r in caplog.records) == 1
 
 
