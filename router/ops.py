@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, SecretStr
 
+from router.channels.base import Scrubber
 from router.config import Settings
 
 if TYPE_CHECKING:
@@ -35,15 +36,7 @@ def secret_values(settings: Settings) -> set[str]:
 
     def walk(value: Any) -> None:
         if isinstance(value, SecretStr):
-            secret = value.get_secret_value()
-            if secret:
-                found.add(secret)
-                # A DingTalk URL's token also appears alone (e.g. in a client library's message).
-                found.update(
-                    part.split("=", 1)[1]
-                    for part in secret.split("?")[-1].split("&")
-                    if part.startswith("access_token=") and len(part) > len("access_token=")
-                )
+            found.add(value.get_secret_value())
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 walk(getattr(value, name))
@@ -56,24 +49,22 @@ def secret_values(settings: Settings) -> set[str]:
 
 
 class Redactor(logging.Filter):
-    """Replaces secret values in every log record; the set is swapped on reload."""
+    """Masks secrets in every log record with the channels' Scrubber (a URL's token is masked on its own
+    too); ``use`` swaps the secrets on reload."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self.secrets = sorted(set(secrets), key=len, reverse=True)
+        self.use(secrets)
 
-    def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+    def use(self, secrets: Iterable[str]) -> None:
+        self.scrub = Scrubber(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg = self.scrub(record.getMessage())
-            record.args = None
-            if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
-                record.exc_info = None
+        record.msg = self.scrub(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
         return True
 
 

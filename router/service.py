@@ -535,9 +535,7 @@ async def run_service(config_path: Path) -> int:
     engine = load(config_path)
     redactor = setup_logging(engine.settings)
     service = Service(engine, config_path)
-    service.on_reload.append(
-        lambda e: setattr(redactor, "secrets", sorted(secret_values(e.settings), key=len, reverse=True))
-    )
+    service.on_reload.append(lambda e: redactor.use(secret_values(e.settings)))
     install_signals(service)
     http = engine.settings.http
     ops = OpsServer(service, http.host, http.port) if http.enabled else None
