@@ -8,7 +8,7 @@ import hmac
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from pydantic import Field, SecretStr, field_validator
@@ -51,11 +51,6 @@ class DingTalkConfig(ChannelConfigBase):
     def effective_rate_limit(self) -> RateLimit:
         # A robot takes 20 messages a minute and is then throttled for 10 minutes.
         return self.rate_limit or RateLimit(per_minute=20)
-
-    def redacted_url(self) -> str:
-        parts = urlsplit(self.url.get_secret_value())
-        query = [(k, "***" if k == "access_token" else v) for k, v in parse_qsl(parts.query)]
-        return urlunsplit(parts._replace(query=urlencode(query)))
 
     def truncated(self, payload: Mapping[str, Any]) -> bool:
         body = payload.get(payload.get("msgtype", ""), {})
