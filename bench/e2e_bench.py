@@ -140,12 +140,12 @@ async def run_router(bootstrap: str, topic: str, n: int, rate: float | None) -> 
         else:
             # Warm up: the topic exists and the router owns its partitions before the clock starts.
             await produce(bootstrap, topic, values[:1])
-            while sum(t.committed or 0 for t in service.trackers.values()) < 1:
+            while service.committed < 1:
                 await asyncio.sleep(0.01)
         done = 0 if rate is None else 1
         start = time.perf_counter()
         producing = asyncio.create_task(produce(bootstrap, topic, values[1:], rate)) if rate else None
-        while sum(t.committed or 0 for t in service.trackers.values()) < n + done:
+        while service.committed < n + done:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
         if producing:

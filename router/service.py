@@ -119,6 +119,11 @@ class Service:
     def stop(self) -> None:
         self.stopping.set()
 
+    @property
+    def committed(self) -> int:
+        """Committed offsets summed over the owned partitions: records settled for good."""
+        return sum(t.committed or 0 for t in self.trackers.values())
+
     async def _connect(self) -> bool:
         """Start the consumer and the dead-letter producer, retrying with backoff until stopped."""
         kafka = self.engine.settings.kafka

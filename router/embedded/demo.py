@@ -156,8 +156,7 @@ async def run_demo(outbox: Path, *, exit_after: bool) -> int:
 
 
 def _settled(service: Service, produced: int) -> bool:
-    committed = sum(t.committed or 0 for t in service.trackers.values())
-    return committed >= produced and not service.tasks
+    return service.committed >= produced and not service.tasks
 
 
 def print_summary(
