@@ -15,7 +15,7 @@ from router.embedded.dingtalk import FakeDingTalk
 from router.errors import DeliveryError
 from router.notification import Notification
 from tests.servers import DINGTALK_PLAIN_TOKEN, DINGTALK_SECRET, DINGTALK_SIGNED_TOKEN
-from tests.test_delivery_support import failed_event, make_engine, notifications, task_id
+from tests.test_delivery_support import failed_event, make_engine, notifications, send_failing, task_id
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -69,12 +69,7 @@ async def test_text_and_action_card_without_signing(tmp_path: Path, dingtalk: Fa
 async def test_bad_signature_is_permanent_and_shows_errmsg_not_secrets(tmp_path: Path, dingtalk: FakeDingTalk) -> None:
     wrong_secret = "SEC-wrong-0123456789"
     channel, notification = setup(tmp_path, dingtalk, secret=wrong_secret)
-    try:
-        with pytest.raises(DeliveryError) as caught:
-            await channel.send(notification)
-    finally:
-        await channel.close()
-    err = caught.value
+    err = await send_failing(channel, notification)
     assert not err.retriable
     assert "310000" in str(err) and "sign not match" in str(err)
     for secret in (wrong_secret, DINGTALK_SIGNED_TOKEN, DINGTALK_SECRET):

@@ -18,7 +18,7 @@ from router.embedded.smtp import SmtpCapture
 from router.errors import DeliveryError
 from router.notification import Notification
 from tests.servers import SMTP_PASSWORD, SMTP_USERNAME, TlsSmtpCapture
-from tests.test_delivery_support import failed_event, make_engine, notifications, task_id
+from tests.test_delivery_support import failed_event, make_engine, notifications, send_all, send_failing, task_id
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,11 +83,7 @@ async def test_one_connection_carries_many_messages(tmp_path: Path, ca: trustme.
     async with PeerRecordingSmtp(ca, ca_pem_path, auth=(SMTP_USERNAME, SMTP_PASSWORD)) as server:
         server.peers = []
         channel, batch = setup(tmp_path, server, count=5)
-        try:
-            for notification in batch:
-                await channel.send(notification)
-        finally:
-            await channel.close()
+        await send_all(channel, batch)
         await server.wait_for(5)
     assert len(set(server.peers)) == 1
 
@@ -99,11 +95,7 @@ async def test_a_long_idle_connection_is_not_reused(
     async with PeerRecordingSmtp(ca, ca_pem_path, auth=(SMTP_USERNAME, SMTP_PASSWORD)) as server:
         server.peers = []
         channel, batch = setup(tmp_path, server, count=2)
-        try:
-            for notification in batch:
-                await channel.send(notification)
-        finally:
-            await channel.close()
+        await send_all(channel, batch)
         await server.wait_for(2)
     assert len(set(server.peers)) == 2
 
@@ -134,12 +126,7 @@ async def test_plain_smtp_without_auth_and_text_only(tmp_path: Path, smtp_plain:
 async def test_wrong_password_is_a_clear_permanent_error(tmp_path: Path, smtp_tls: TlsSmtpCapture) -> None:
     wrong = "not-the-Pa55word"
     channel, (notification,) = setup(tmp_path, smtp_tls, password=wrong)
-    try:
-        with pytest.raises(DeliveryError) as caught:
-            await channel.send(notification)
-    finally:
-        await channel.close()
-    err = caught.value
+    err = await send_failing(channel, notification)
     assert not err.retriable
     assert f"authentication failed for {SMTP_USERNAME}: 535" in str(err)
     assert wrong not in str(err) and SMTP_PASSWORD not in str(err)
@@ -193,12 +180,8 @@ async def test_smtp_codes_decide(tmp_path: Path, smtp_tls: TlsSmtpCapture, code:
 async def test_refused_connection_is_retriable(tmp_path: Path, smtp_plain: SmtpCapture) -> None:
     channel, (notification,) = setup(tmp_path, smtp_plain)
     await smtp_plain.stop()
-    try:
-        with pytest.raises(DeliveryError) as caught:
-            await channel.send(notification)
-    finally:
-        await channel.close()
-    assert caught.value.retriable
+    err = await send_failing(channel, notification)
+    assert err.retriable
 
 
 async def test_a_dropped_idle_connection_is_replaced(tmp_path: Path, smtp_tls: TlsSmtpCapture) -> None:

@@ -16,10 +16,18 @@ from router.config import KafkaSettings, load_settings
 from router.delivery.pipeline import Delivery, DeliveryFailed
 from router.embedded.webhook import WebhookCapture
 from router.engine import Engine
-from router.errors import ConfigError, DeliveryError
+from router.errors import ConfigError
 from router.metrics import Metrics
 from router.notification import Notification
-from tests.test_delivery_support import VirtualClock, counted, failed_event, make_engine, notifications, task_id
+from tests.test_delivery_support import (
+    VirtualClock,
+    counted,
+    failed_event,
+    make_engine,
+    notifications,
+    send_failing,
+    task_id,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -80,13 +88,9 @@ async def test_statuses_decide(tmp_path: Path, webhook: WebhookCapture, status: 
     channel, notification = setup(tmp_path, webhook)
     webhook.set_statuses([status])
     webhook.response_body = f"answer with {URL_TOKEN}"  # a careless server echoing the token
-    try:
-        with pytest.raises(DeliveryError) as caught:
-            await channel.send(notification)
-    finally:
-        await channel.close()
-    assert caught.value.retriable is retriable
-    assert f"HTTP {status}" in str(caught.value) and URL_TOKEN not in str(caught.value)
+    err = await send_failing(channel, notification)
+    assert err.retriable is retriable
+    assert f"HTTP {status}" in str(err) and URL_TOKEN not in str(err)
 
 
 async def test_retry_on_503_then_success(tmp_path: Path, webhook: WebhookCapture) -> None:

@@ -13,8 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from router.channels.base import Channel
 from router.decode import decode_object
 from router.engine import Engine, load
+from router.errors import DeliveryError
 from router.metrics import Metrics
 from router.notification import Notification
 
@@ -25,6 +29,25 @@ TEMPLATES = {
     "kafka": "kafka/alert.json.j2",
     "webhook": "webhook/alert.json.j2",
 }
+
+
+async def send_all(channel: Channel, batch: Iterable[Notification]) -> None:
+    """Send each notification on one channel, then close it."""
+    try:
+        for notification in batch:
+            await channel.send(notification)
+    finally:
+        await channel.close()
+
+
+async def send_failing(channel: Channel, notification: Notification) -> DeliveryError:
+    """The error of one send that must fail; the channel is closed either way."""
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            await channel.send(notification)
+    finally:
+        await channel.close()
+    return caught.value
 
 
 def make_engine(tmp_path: Path, channels: dict[str, dict[str, Any]], **settings: Any) -> Engine:
