@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -69,36 +70,36 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_CE_ATTRS = ("id", "source", "type", "subject", "time", "specversion")
+
+
+@contextlib.contextmanager
+def _named(source: str) -> Iterator[None]:
+    """Whatever goes wrong inside becomes a DecodeError naming ``source``, and nothing else escapes."""
+    try:
+        yield
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, source=source) from None
+    except RecursionError:
+        raise DecodeError("nested too deeply", source=source) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DecodeError(f"malformed event: {type(exc).__name__}: {_safe(str(exc))}", source=source) from None
 
 
 def decode(
     value: bytes | str | None, headers: Headers = (), *, limits: Limits = DEFAULT_LIMITS, source: str = "record"
 ) -> Event:
     """Decode one record. Raises DecodeError naming ``source`` and the problem; never anything else."""
-    try:
+    with _named(source):
         return _decode(value, headers, limits)
-    except DecodeError as exc:
-        raise DecodeError(exc.reason, source=source) from None
-    except RecursionError:
-        raise DecodeError("nested too deeply", source=source) from None
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise DecodeError(f"malformed event: {type(exc).__name__}: {_safe(str(exc))}", source=source) from None
 
 
 def decode_object(obj: Any, *, limits: Limits = DEFAULT_LIMITS, source: str = "record") -> Event:
     """Decode an already parsed JSON value (from a file holding an array or one event)."""
-    try:
+    with _named(source):
         if isinstance(obj, str):
             return _decode(obj.encode("utf-8", errors="surrogatepass"), (), limits)
         _check_depth(obj, limits.max_depth)
         return _from_object(obj, base64_wrapped=False)
-    except DecodeError as exc:
-        raise DecodeError(exc.reason, source=source) from None
-    except RecursionError:
-        raise DecodeError("nested too deeply", source=source) from None
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise DecodeError(f"malformed event: {type(exc).__name__}: {_safe(str(exc))}", source=source) from None
 
 
 def iter_events(name: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Iterator[Event | DecodeError]:
