@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from router.alerting.inhibit import InhibitRule
+from router.alerting.timing import TimeInterval
 from router.channels.base import Frozen
 from router.channels.dingtalk import DingTalkConfig
 from router.channels.email import EmailConfig
@@ -28,6 +30,15 @@ class KafkaSettings(Frozen):
     topics: tuple[str, ...] = ("imm-events",)
     group_id: str = "imm-router"
     dead_letter_topic: str = "imm-router-dlq"
+    # The router's own topics (created at start when missing; see README "Topics").
+    notifications_topic: str = Field(
+        default="imm-router-notifications", description="rendered notifications, keyed by channel"
+    )
+    notifications_partitions: int = Field(default=12, ge=1, description="when the router creates the topic")
+    changelog_topic: str = Field(default="imm-router-changelog", description="per-channel state, compacted")
+    silences_topic: str = Field(default="imm-router-silences", description="silences, compacted")
+    inhibitions_topic: str = Field(default="imm-router-inhibitions", description="inhibiting source alerts")
+    replication_factor: int = Field(default=1, ge=1, description="of the topics the router creates")
     client_id: str = "imm-router"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, gt=0)
@@ -86,6 +97,9 @@ class HttpSettings(Frozen):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, lt=65536, description="/metrics, /healthz, /readyz; 0 = any")
     enabled: bool = True
+    api_token: SecretStr | None = Field(
+        default=None, description="bearer token for writes to /api/v1/silences; unset refuses writes"
+    )
 
 
 class Settings(BaseSettings):
@@ -103,6 +117,8 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     service: ServiceSettings = ServiceSettings()
     http: HttpSettings = HttpSettings()
+    time_intervals: tuple[TimeInterval, ...] = ()
+    inhibit_rules: tuple[InhibitRule, ...] = ()
 
     @field_validator("timezone")
     @classmethod

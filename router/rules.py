@@ -25,6 +25,7 @@ from jmespath.exceptions import JMESPathError, ParseError
 from jmespath.visitor import Options, TreeInterpreter
 from pydantic import Field, field_validator
 
+from router.alerting.timing import Duration
 from router.channels.base import Frozen
 from router.decode import Event
 from router.errors import ConfigError
@@ -35,9 +36,30 @@ log = logging.getLogger(__name__)
 _TYPE_CACHE_MAX = 4_096
 
 
+class Throttle(Frozen):
+    """ElastAlert's realert with aggregation: after a message for a key, hold that key's alerts ``for``
+    this long, then send one summary of what was held."""
+
+    key: tuple[str, ...] = Field(min_length=1, description="JMESPath on the rule root")
+    for_: Duration = Field(alias="for", gt=0)
+
+
 class Notify(Frozen):
     channel: str = Field(min_length=1)
     template: str = Field(min_length=1)
+    # Alertmanager's grouping: one group per distinct tuple of group_by values (JMESPath on the rule root).
+    group_by: tuple[str, ...] | None = None
+    group_wait: Duration = Field(default=30.0, ge=0)
+    group_interval: Duration = Field(default=300.0, gt=0)
+    group_template: str | None = None
+    throttle: Throttle | None = None
+    active_time_intervals: tuple[str, ...] = ()
+    mute_time_intervals: tuple[str, ...] = ()
+
+    @property
+    def managed(self) -> bool:
+        """Whether alerts for this target are grouped or throttled rather than sent one by one."""
+        return self.group_by is not None or self.throttle is not None
 
 
 class RuleSpec(Frozen):
@@ -263,21 +285,30 @@ def rule_root(event: Event) -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def _compile(spec: RuleSpec, path: Path, line: int) -> Any:
+def compile_expression(text: str, *, what: str, path: str | None = None, line: int | None = None) -> Any:
+    """Compile one JMESPath expression written by a person (a rule's ``when``, a ``group_by`` entry, a
+    silence's ``--match``); ``what`` names it in the error, which shows where the parse failed."""
     try:
-        return jmespath.compile(spec.when)
+        return jmespath.compile(text)
     except ParseError as exc:
         pointer = " " * (exc.lex_position or 0) + "^"
         raise ConfigError(
-            f"rule {spec.name!r}: `when` is not valid JMESPath ({exc.msg}):\n    {spec.when}\n    {pointer}\n"
+            f"{what} is not valid JMESPath ({exc.msg}):\n    {text}\n    {pointer}\n"
             "fix the expression (string literals take single quotes: Status == 'Failed')",
-            path=str(path),
+            path=path,
             line=line,
         ) from None
     except JMESPathError as exc:
-        raise ConfigError(
-            f"rule {spec.name!r}: `when` is not valid JMESPath: {exc}", path=str(path), line=line
-        ) from None
+        raise ConfigError(f"{what} is not valid JMESPath: {exc}", path=path, line=line) from None
+
+
+def search(expression: Any, root: dict[str, Any]) -> Any:
+    """Evaluate a compiled expression with the rule functions (lower, upper, glob)."""
+    return expression.search(root, options=JMESPATH_OPTIONS)
+
+
+def _compile(spec: RuleSpec, path: Path, line: int) -> Any:
+    return compile_expression(spec.when, what=f"rule {spec.name!r}: `when`", path=str(path), line=line)
 
 
 def rule_files(rules_dir: Path) -> list[Path]:
