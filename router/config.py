@@ -85,6 +85,9 @@ class ServiceSettings(Frozen):
     drain_timeout_seconds: float = Field(default=25.0, gt=0, description="SIGTERM: finish in-flight work")
     max_in_flight: int = Field(default=2_000, ge=1, description="records being routed, all partitions")
     max_in_flight_per_partition: int = Field(default=500, ge=1)
+    max_pending_notifications: int = Field(
+        default=20_000, ge=1, description="handed-off alerts a replica holds (in groups, throttles, sending)"
+    )
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     commit_every_records: int = Field(default=1_000, ge=1)
     dedup_ttl_seconds: float = Field(default=3_600.0, ge=0, description="0 turns duplicate suppression off")

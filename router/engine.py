@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.channels.base import PayloadMeta
+from jmespath.exceptions import JMESPathError
+
+from router.channels.base import ChannelConfigBase, PayloadMeta
 from router.config import Settings, load_settings
 from router.decode import Event, Limits
 from router.errors import ConfigError, RenderError
 from router.notification import Notification
+from router.opsfile import line_of, load_yaml
 from router.render import TemplateSet
-from router.rules import Notify, Rule, RuleSet, load_rules, rule_root
+from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +42,43 @@ class RenderFailure:
 class RouteResult:
     notifications: list[Notification] = field(default_factory=list)
     failures: list[RenderFailure] = field(default_factory=list)
+    matched: list[str] = field(default_factory=list)  # rule names
+    root: dict[str, Any] = field(default_factory=dict)  # what the rules saw
 
 
 class Engine:
-    def __init__(self, settings: Settings, templates: TemplateSet, rules: RuleSet) -> None:
+    def __init__(
+        self, settings: Settings, templates: TemplateSet, rules: RuleSet, expressions: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         self.templates = templates
         self.rules = rules
         self.limits = Limits(max_bytes=settings.max_event_bytes, max_depth=settings.max_event_depth)
+        # group_by, throttle keys and inhibit `equal`: compiled once at load, by expression text.
+        self.expressions = expressions or {}
+        self.intervals = {interval.name: interval for interval in settings.time_intervals}
+        self.targets = {(r.name, t.channel, t.template): t for r in rules.rules for t in r.spec.notify}
+        self.severities = {r.name: r.spec.severity for r in rules.rules}
+        # rule name → the inhibit rules it is a source of
+        self.inhibit_sources: dict[str, list[int]] = {}
+        for index, inhibit in enumerate(settings.inhibit_rules):
+            for name in inhibit.source_rules:
+                self.inhibit_sources.setdefault(name, []).append(index)
+
+    def values(self, expressions: Sequence[str], root: dict[str, Any]) -> tuple[Any, ...]:
+        """The values of compiled key expressions on a rule root (an evaluation error gives null)."""
+        out = []
+        for text in expressions:
+            try:
+                out.append(search(self.expressions[text], root))
+            except (JMESPathError, TypeError, ValueError, RecursionError):
+                out.append(None)
+        return tuple(out)
 
     def route(self, event: Event) -> RouteResult:
-        result = RouteResult()
         root = rule_root(event)
         matched = self.rules.match(event, root)
+        result = RouteResult(matched=[rule.name for rule in matched], root=root)
         if not matched:
             return result
         base = {"event": root["event"], "data": event.data, "imm": event.view}
@@ -86,17 +113,7 @@ class Engine:
         channel = self.settings.channels[channel_name]
         template = channel.digest_template or channel.default_digest_template
         context = {
-            "alerts": [
-                {
-                    "summary": n.summary,
-                    "rule": n.rule,
-                    "severity": n.severity,
-                    "event_id": n.event_id,
-                    "event_type": n.event_type,
-                    "imm": n.view,
-                }
-                for n in alerts
-            ],
+            "alerts": [_alert_doc(n) for n in alerts],
             "count": len(alerts),
             "channel": channel_name,
             "rules": sorted({n.rule for n in alerts}),
@@ -105,6 +122,38 @@ class Engine:
         parts = self.templates.render_parts(template, wanted, context)
         digest_id = f"digest:{alerts[0].event_id}+{len(alerts) - 1}" if alerts else "digest"
         return channel.build_payload(parts, PayloadMeta(event_id=digest_id, rule="digest"))
+
+    def render_group(
+        self, channel_name: str, template: str, alerts: Sequence[Notification], facts: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The payload of one group or throttle-summary message. ``facts``: group (keys → values), kind,
+        first/last times, part/parts; alerts beyond the channel's ``digest_max_alerts`` are counted, and
+        their ids listed, as "and N more"."""
+        channel = self.settings.channels[channel_name]
+        limit = channel.digest_max_alerts
+        context = {
+            **facts,
+            "alerts": [_alert_doc(n) for n in alerts[:limit]],
+            "more": [n.event_id for n in alerts[limit:]],
+            "count": len(alerts),
+            "channel": channel_name,
+            "rules": sorted({n.rule for n in alerts}),
+        }
+        wanted = channel.required_blocks + channel.optional_blocks
+        parts = self.templates.render_parts(template, wanted, context)
+        first = alerts[0].event_id if alerts else "group"
+        return channel.build_payload(parts, PayloadMeta(event_id=f"group:{first}+{len(alerts) - 1}", rule="group"))
+
+
+def _alert_doc(n: Notification) -> dict[str, Any]:
+    return {
+        "summary": n.summary,
+        "rule": n.rule,
+        "severity": n.severity,
+        "event_id": n.event_id,
+        "event_type": n.event_type,
+        "imm": n.view,
+    }
 
 
 def summary_line(event: Event, rule: Rule) -> str:
@@ -122,9 +171,24 @@ def _rule_doc(rule: Rule) -> dict[str, Any]:
     return {"name": spec.name, "description": spec.description, "severity": spec.severity, "labels": spec.labels}
 
 
-def build(settings: Settings) -> Engine:
+def group_template(channel: ChannelConfigBase, target: Notify) -> str:
+    return target.group_template or f"group/{getattr(channel, 'type', 'generic')}.j2"
+
+
+def build(settings: Settings, config_path: Path | None = None) -> Engine:
     """Compile templates and rules for ``settings``, checking every cross-reference."""
     problems: list[str] = []
+    expressions: dict[str, Any] = {}
+
+    def compile_keys(texts: Sequence[str], what: str) -> str | None:
+        for text in texts:
+            if text not in expressions:
+                try:
+                    expressions[text] = compile_expression(text, what=f"{what} entry {text!r}")
+                except ConfigError as exc:
+                    return str(exc)
+        return None
+
     try:
         templates = TemplateSet(settings.templates_dir, settings.timezone)
     except ConfigError as exc:
@@ -140,16 +204,64 @@ def build(settings: Settings) -> Engine:
         if channel is None:
             known = ", ".join(sorted(settings.channels)) or "none are configured"
             return f"unknown channel {target.channel!r}; channels in the config: {known}"
-        return templates.check_for(target.template, channel)
+        problem = templates.check_for(target.template, channel)
+        if problem is None and target.managed:
+            problem = templates.check_for(group_template(channel, target), channel)
+            if problem is not None:
+                problem = f"group_template: {problem}"
+        if problem is None and target.group_by is not None:
+            problem = compile_keys(target.group_by, "group_by")
+        if problem is None and target.throttle is not None:
+            problem = compile_keys(target.throttle.key, "throttle.key")
+        for field, names in (("active", target.active_time_intervals), ("mute", target.mute_time_intervals)):
+            unknown = [n for n in names if n not in intervals]
+            if problem is None and unknown:
+                known = ", ".join(sorted(intervals)) or "none are defined"
+                problem = (
+                    f"{field}_time_intervals: unknown interval {unknown[0]!r}; time_intervals in the config: {known}"
+                )
+        return problem
+
+    intervals = {interval.name for interval in settings.time_intervals}
+    if len(intervals) != len(settings.time_intervals):
+        problems.append(_at(config_path, ("time_intervals",), "time interval names must be unique"))
 
     try:
         rules = load_rules(settings.rules_dir, check_notify)
     except ConfigError as exc:
         problems.append(str(exc))
+    else:
+        known_rules = {r.name for r in rules.rules}
+        for i, inhibit in enumerate(settings.inhibit_rules):
+            for field in ("source_rules", "target_rules"):
+                unknown = [n for n in getattr(inhibit, field) if n not in known_rules]
+                if unknown:
+                    problems.append(
+                        _at(
+                            config_path,
+                            ("inhibit_rules", i, field),
+                            f"inhibit_rules[{i}].{field}: unknown rule {unknown[0]!r}; "
+                            f"rules: {', '.join(sorted(known_rules))}",
+                        )
+                    )
+            problem = compile_keys(inhibit.equal, f"inhibit_rules[{i}].equal")
+            if problem:
+                problems.append(_at(config_path, ("inhibit_rules", i, "equal"), problem))
     if problems:
         raise ConfigError("\n".join(problems))
-    return Engine(settings, templates, rules)
+    return Engine(settings, templates, rules, expressions)
+
+
+def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> str:
+    """``file:line: message`` for a place in the config file (its line looked up again)."""
+    if config_path is None:
+        return message
+    try:
+        line = line_of(load_yaml(config_path), loc)
+    except ConfigError:
+        line = None
+    return str(ConfigError(message, path=str(config_path), line=line))
 
 
 def load(config_path: Path) -> Engine:
-    return build(load_settings(config_path))
+    return build(load_settings(config_path), config_path)

@@ -59,6 +59,23 @@ class Metrics:
         self.paused = Gauge("imm_router_fetch_paused", "1 while fetching is paused by backpressure", registry=r)
         self.commits = Counter("imm_router_offset_commits", "Offset commits", registry=r)
         self.reloads = Counter("imm_router_config_reloads", "Config reloads", ["result"], registry=r)
+        self.suppressed = Counter(
+            "imm_router_notifications_suppressed",
+            "Notifications not sent: silenced, inhibited, muted, throttled (held for a summary) or duplicate",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.groups_open = Gauge("imm_router_groups_open", "Alert groups this replica owns and keeps", registry=r)
+        self.group_messages = Counter(
+            "imm_router_group_messages_sent", "Group and throttle-summary messages delivered", ["channel"], registry=r
+        )
+        self.silences_active = Gauge("imm_router_silences_active", "Silences in force now", registry=r)
+        self.handoffs = Counter(
+            "imm_router_notifications_handed_off", "Notifications produced to the notifications topic", registry=r
+        )
+        self.owned_partitions = Gauge(
+            "imm_router_owned_partitions", "Partitions of the notifications topic this replica owns", registry=r
+        )
         self.circuit_open = Gauge(
             "imm_router_circuit_open", "1 while a channel's circuit is open", ["channel"], registry=r
         )

@@ -1,10 +1,8 @@
-"""The service: consume IMM events from Kafka, route, deliver, commit — at least once.
+"""The service: consume IMM events from Kafka, route, hand each notification to its channel's owner,
+manage and deliver it there, commit — at least once, with any number of replicas (see ``Service``).
 
-A record's offset is committed only when every notification it produced is settled: delivered
-(alone or inside a digest), suppressed as a duplicate, or dead-lettered. Per partition the commit
-point is the lowest offset still in flight, so records finishing out of order never skip one.
-Commits go out in batches (time or count). Work in flight is bounded per partition and overall:
-past the bound, fetching pauses (Kafka keeps the backlog, not our memory).
+Dead letters keep the source record's key, value and headers and add why and where from; ``replay``
+routes them again.
 """
 
 from __future__ import annotations
@@ -15,53 +13,34 @@ import logging
 import signal
 import sys
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
+from router.alerting.handoff import Handoff, SourceRecord
+from router.alerting.inhibit import InhibitionLog
+from router.alerting.manager import Manager
+from router.alerting.silences import SilenceStore
+from router.alerting.topics import TopicFollower, TopicSpec, ensure_topics
 from router.channels import make_channel
+from router.config import KafkaSettings
+from router.consumer import Bounds, ConsumerStage, Handler
 from router.decode import decode, iter_events
 from router.delivery.pipeline import Delivery, DeliveryFailed
-from router.engine import Engine, load
+from router.engine import Engine, RouteResult, load
 from router.errors import ConfigError, DecodeError
 from router.metrics import Metrics
-from router.notification import Notification
 from router.ops import OpsServer, Watcher, secret_values, setup_logging
 
 log = logging.getLogger(__name__)
 
 DLQ_PREFIX = "imm-dlq-"
 MAX_BACKOFF = 30.0
-
-
-@dataclass
-class PartitionTracker:
-    """Offsets of one partition in consumption order; the commit point advances over settled ones."""
-
-    order: deque[int] = field(default_factory=deque)
-    settled: set[int] = field(default_factory=set)
-    next_commit: int | None = None
-    committed: int | None = None
-
-    def start(self, offset: int) -> None:
-        self.order.append(offset)
-
-    def settle(self, offset: int) -> None:
-        self.settled.add(offset)
-        while self.order and self.order[0] in self.settled:
-            done = self.order.popleft()
-            self.settled.discard(done)
-            self.next_commit = done + 1
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.order)
 
 
 def dead_letter_headers(
@@ -81,21 +60,66 @@ def dead_letter_headers(
     return headers
 
 
+class Changelog:
+    """The notify stage's state, written to the twin partition of the notifications partition it is for."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+
+    async def put(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
+        body = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        await _produce(self.producer, self.topic, key=key.encode(), value=body, partition=partition)
+
+    async def read(self, reader: AIOKafkaConsumer, partitions: set[int]) -> dict[int, list[tuple[str, Any]]]:
+        """Every entry of these partitions, oldest first, up to their ends now."""
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        entries: dict[int, list[tuple[str, Any]]] = {p: [] for p in partitions}
+        if not tps:
+            return entries
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        while True:
+            behind = [tp for tp in tps if await reader.position(tp) < ends[tp]]
+            if not behind:
+                return entries
+            for tp, records in (await reader.getmany(*behind, timeout_ms=500)).items():
+                for r in records:
+                    if r.offset < ends[tp] and r.key is not None:
+                        try:
+                            value = None if r.value is None else orjson.loads(r.value)
+                        except orjson.JSONDecodeError:
+                            log.warning("%s: skipping a changelog entry that is not JSON", _where(r))
+                            continue
+                        entries[tp.partition].append((r.key.decode(errors="replace"), value))
+
+
 class Service:
+    """Two consumer groups in one process, so that any number of replicas behaves as one router:
+
+    - the routing stage reads the source topics (stateless: decode, rules, render) and hands every
+      notification to ``kafka.notifications_topic``, keyed by channel; a source offset commits once its
+      notifications are durably there;
+    - the notify stage reads that topic in group ``<group_id>-notify``: each channel has one owner at a time,
+      which keeps its rate limit, duplicates, throttles and groups (router.alerting.manager) and commits
+      a handoff once it is delivered, merged into a delivered message, suppressed or dead-lettered.
+    """
+
     def __init__(self, engine: Engine, config_path: Path | None = None, metrics: Metrics | None = None) -> None:
         self.config_path = config_path
         self.metrics = metrics or Metrics()
         self.engine = self._instrumented(engine)
         self.stopping = asyncio.Event()
-        self.trackers: dict[TopicPartition, PartitionTracker] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.settled = asyncio.Condition()
-        self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.delivery: Delivery | None = None
-        self._since_commit = 0
-        self._last_commit = time.monotonic()
-        self.peak_in_flight = 0
+        self.manager: Manager | None = None
+        self.silences: SilenceStore | None = None
+        self.inhibitions = InhibitionLog()
+        self.routing: ConsumerStage | None = None
+        self.notify: ConsumerStage | None = None
+        self._reader: AIOKafkaConsumer | None = None
+        self._followers: list[TopicFollower] = []
         self.channel_health: dict[str, str] = {}
         self.on_reload: list[Callable[[Engine], None]] = []
 
@@ -107,11 +131,12 @@ class Service:
             name: make_channel(name, config, kafka_defaults=settings.kafka)
             for name, config in settings.channels.items()
         }
-        self.delivery = Delivery(self.engine, channels, self.metrics)
+        self.delivery = Delivery(self.engine, channels, self.metrics, before_send=self._persist_limiter)
         health = asyncio.create_task(self.watch_channels())
         try:
             if await self._connect():
-                await self._consume()
+                assert self.routing is not None and self.notify is not None
+                await asyncio.gather(self.routing.run(self.stopping), self.notify.run(self.stopping))
         finally:
             health.cancel()
             await self._shutdown()
@@ -121,100 +146,171 @@ class Service:
 
     @property
     def committed(self) -> int:
-        """Committed offsets summed over the owned partitions: records settled for good."""
-        return sum(t.committed or 0 for t in self.trackers.values())
+        """Source offsets committed, summed over the owned partitions: records settled for good."""
+        return self.routing.committed if self.routing is not None else 0
+
+    @property
+    def peak_in_flight(self) -> int:
+        return max((s.peak_in_flight for s in self._stages()), default=0)
+
+    @property
+    def owned_partitions(self) -> list[int]:
+        """Partitions of the notifications topic this replica owns (and so the channels it sends to)."""
+        return sorted(self.manager.partitions) if self.manager is not None else []
+
+    @property
+    def idle(self) -> bool:
+        """Nothing consumed is waiting: every record and handoff so far is settled."""
+        return all(s.in_flight == 0 and not s.tasks for s in self._stages())
+
+    def _stages(self) -> list[ConsumerStage]:
+        return [s for s in (self.routing, self.notify) if s is not None]
 
     async def _connect(self) -> bool:
-        """Start the consumer and the dead-letter producer, retrying with backoff until stopped."""
+        """Start the clients, create the router's topics and read the shared state, retrying with backoff."""
         kafka = self.engine.settings.kafka
         backoff = 1.0
         while not self.stopping.is_set():
             options = kafka.client_options()
-            consumer = AIOKafkaConsumer(
-                group_id=kafka.group_id,
-                enable_auto_commit=False,
-                auto_offset_reset=kafka.auto_offset_reset,
-                session_timeout_ms=kafka.session_timeout_ms,
-                heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-                fetch_max_wait_ms=kafka.fetch_max_wait_ms,
-                **options,
-            )
-            producer = AIOKafkaProducer(acks="all", **options)
+            producer = AIOKafkaProducer(acks="all", linger_ms=2, **options)
+            started: list[Any] = [producer]
             try:
                 await producer.start()
-                consumer.subscribe(list(kafka.topics), listener=_Rebalance(self))
-                await consumer.start()
+                await ensure_topics(options, router_topics(kafka), kafka.replication_factor)
+                self.producer = producer
+                await self._start_shared_state(options)
+                started += [*self._followers]
+                reader = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **options)
+                started.append(reader)
+                await reader.start()
+                self._reader = reader
+                self.routing = await self._start_stage(
+                    "route", list(kafka.topics), kafka.group_id, self._route_record, options, started
+                )
+                self.notify = await self._start_stage(
+                    "notify",
+                    [kafka.notifications_topic],
+                    f"{kafka.group_id}-notify",
+                    self._notify_record,
+                    options,
+                    started,
+                )
             except KafkaError as exc:
-                await _quietly(consumer.stop())
-                await _quietly(producer.stop())
+                for client in reversed(started):
+                    await _quietly(client.stop())
+                self.producer = self._reader = self.silences = self.routing = self.notify = None
+                self._followers = []
                 log.warning(
                     "Kafka at %s unreachable (%s); retrying in %.0fs",
                     kafka.bootstrap_servers,
                     type(exc).__name__,
                     backoff,
                 )
-                await self._wait(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            self.consumer, self.producer = consumer, producer
             log.info(
-                "consuming %s from %s as group %s", ",".join(kafka.topics), kafka.bootstrap_servers, kafka.group_id
+                "consuming %s from %s as group %s; notifications via %s",
+                ",".join(kafka.topics),
+                kafka.bootstrap_servers,
+                kafka.group_id,
+                kafka.notifications_topic,
             )
             return True
         return False
 
-    async def _consume(self) -> None:
-        assert self.consumer is not None
-        service = self.engine.settings.service
-        while not self.stopping.is_set():
-            self._backpressure()
-            # Never take more than the room left, so the bound holds even within one batch.
-            room = max(1, min(service.max_in_flight - len(self.tasks), service.max_in_flight_per_partition))
-            try:
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=room)
-            except KafkaError as exc:
-                log.warning("fetch failed (%s); retrying", exc)
-                await self._wait(1.0)
-                continue
-            for tp, records in batch.items():
-                tracker = self.trackers.setdefault(tp, PartitionTracker())
-                for record in records:
-                    tracker.start(record.offset)
-                    task = asyncio.create_task(self._process(tp, tracker, record))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
-            self.peak_in_flight = max(self.peak_in_flight, len(self.tasks))
-            self._backpressure()
-            await self._maybe_commit()
+    async def _start_shared_state(self, options: dict[str, Any]) -> None:
+        """Silences and inhibiting sources: every replica reads both topics from the start and follows them."""
+        kafka = self.engine.settings.kafka
+        assert self.producer is not None and self.delivery is not None
+        self.silences = SilenceStore(options, kafka.silences_topic, producer=self.producer)
+        inhibitions = TopicFollower(
+            options,
+            kafka.inhibitions_topic,
+            lambda r: self.inhibitions.apply(r.value, where=_where(r)),
+        )
+        self._followers = [self.silences, inhibitions]
+        for follower in self._followers:
+            await follower.start()
+        self.manager = Manager(
+            self.engine,
+            self.delivery,
+            self.metrics,
+            changelog=Changelog(self.producer, kafka.changelog_topic),
+            dead_letter=self._dead_letter_handoff,
+            silences=self.silences.silences,
+            inhibitions=self.inhibitions,
+        )
+
+    async def _start_stage(
+        self,
+        name: str,
+        topics: list[str],
+        group_id: str,
+        handler: Handler,
+        options: dict[str, Any],
+        started: list[Any],
+    ) -> ConsumerStage:
+        kafka, service = self.engine.settings.kafka, self.engine.settings.service
+        consumer = AIOKafkaConsumer(
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+            **options,
+        )
+        notify = name == "notify"
+        bounds = Bounds(
+            max_in_flight=service.max_pending_notifications if notify else service.max_in_flight,
+            max_in_flight_per_partition=(
+                service.max_pending_notifications if notify else service.max_in_flight_per_partition
+            ),
+            commit_interval_seconds=service.commit_interval_seconds,
+            commit_every_records=service.commit_every_records,
+            revoke_timeout_seconds=min(10.0, service.drain_timeout_seconds),
+        )
+        stage = ConsumerStage(
+            name,
+            consumer,
+            bounds,
+            self.metrics,
+            handler,
+            on_assigned=self._assigned if notify else None,
+            on_revoked=self._revoked if notify else None,
+        )
+        consumer.subscribe(topics, listener=stage.listener())
+        started.append(consumer)
+        await consumer.start()
+        return stage
 
     async def _shutdown(self) -> None:
         """Stop fetching, finish in-flight work within the drain deadline, commit, close."""
         drain = self.engine.settings.service.drain_timeout_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
-        if self.tasks:
-            log.info("draining %d records in flight (deadline %.0fs)", len(self.tasks), drain)
-            await asyncio.wait(set(self.tasks), timeout=max(0.0, drain * 0.8))
+        if self.routing is not None:
+            await self.routing.drain(drain * 0.4)  # routing only produces: quick
+        if self.manager is not None:
+            await self.manager.close(max(0.5, drain * 0.4))
         if self.delivery is not None:
             await self.delivery.close(max(0.5, deadline - loop.time()))
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=max(0.1, deadline - loop.time()))
-        for task in set(self.tasks):
-            task.cancel()  # not settled, so not committed: redelivered after the restart
-        if self.consumer is not None:
-            await self._commit(force=True)
-            await _quietly(self.consumer.stop(), timeout=5.0)
-        if self.producer is not None:
-            await _quietly(self.producer.stop(), timeout=5.0)
+        for stage in self._stages():
+            await stage.drain(max(0.1, deadline - loop.time()))
+            stage.cancel()
+        for stage in self._stages():
+            await stage.commit(force=True)
+            await _quietly(stage.consumer.stop(), timeout=5.0)
+        for client in [*self._followers, self._reader, self.producer]:
+            if client is not None:
+                await _quietly(client.stop(), timeout=5.0)
         log.info("stopped")
 
-    async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+    # --- routing stage: one source record ---------------------------------------------------------
 
-    # --- one record -----------------------------------------------------------------------------
-
-    async def _process(self, tp: TopicPartition, tracker: PartitionTracker, record: Any) -> None:
+    async def _route_record(self, tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
         self.metrics.in_flight.inc()
         try:
             await self._route(tp, record)
@@ -222,13 +318,10 @@ class Service:
             raise
         except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
             log.exception("unexpected error routing %s/%d@%d", tp.topic, tp.partition, record.offset)
-            await self._dead_letter(tp, record, f"internal error: {type(exc).__name__}: {exc}")
+            await self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.metrics.in_flight.dec()
-        tracker.settle(record.offset)
-        self._since_commit += 1
-        async with self.settled:
-            self.settled.notify_all()
+        settle()
 
     async def _route(self, tp: TopicPartition, record: Any) -> None:
         engine = self.engine  # a reload swaps self.engine; this record keeps the one it started with
@@ -238,7 +331,7 @@ class Service:
         except DecodeError as exc:
             self.metrics.decode_failures.inc()
             log.warning("dead-lettering undecodable record: %s", exc)
-            await self._dead_letter(tp, record, f"decode: {exc.reason}")
+            await self._dead_letter(record, f"decode: {exc.reason}")
             return
         self.metrics.records.labels(str(event.wire_format)).inc()
         result = engine.route(event)
@@ -247,112 +340,131 @@ class Service:
         for failure in result.failures:
             self.metrics.render_failures.labels(failure.channel).inc()
             await self._dead_letter(
-                tp, record, f"render: {failure.reason}", rule=failure.rule, channel=failure.channel, event_id=event.id
+                record, f"render: {failure.reason}", rule=failure.rule, channel=failure.channel, event_id=event.id
             )
-        if result.notifications:
-            await asyncio.gather(*(self._deliver(tp, record, n) for n in result.notifications))
+        if result.notifications or result.matched:
+            await self._hand_off(engine, record, result)
 
-    async def _deliver(self, tp: TopicPartition, record: Any, notification: Notification) -> None:
-        assert self.delivery is not None
-        try:
-            await self.delivery.deliver(notification, record_time=record.timestamp / 1000)
-        except DeliveryFailed as exc:
-            if self.stopping.is_set() and exc.reason == "shutdown":
-                raise asyncio.CancelledError from exc  # unsettled: redelivered after the restart
-            await self._dead_letter(
-                tp,
-                record,
-                f"delivery: {exc.reason}",
-                rule=notification.rule,
-                channel=notification.channel,
-                event_id=notification.event_id,
-                attempts=str(exc.attempts),
-            )
-
-    async def _dead_letter(self, tp: TopicPartition, record: Any, reason: str, **extra: str | None) -> None:
-        """Produce the record to the dead-letter topic; retried until it succeeds (never lost, never skipped)."""
+    async def _hand_off(self, engine: Engine, record: Any, result: RouteResult) -> None:
+        """Produce the notifications to their owners, and the inhibiting sources to every replica."""
         assert self.producer is not None
-        kafka = self.engine.settings.kafka
-        headers = dead_letter_headers(record.headers or (), reason, tp.topic, tp.partition, record.offset, **extra)
-        backoff = 0.5
-        while True:
-            try:
-                await self.producer.send_and_wait(
-                    kafka.dead_letter_topic, value=record.value, key=record.key, headers=headers
+        kafka = engine.settings.kafka
+        seen = time.time()
+        source = SourceRecord(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            tuple(record.headers or ()),
+            record.timestamp,
+        )
+        sends = [
+            _produce(
+                self.producer,
+                kafka.notifications_topic,
+                key=n.channel.encode(),
+                value=Handoff(n, result.root, seen, source).encode(),
+            )
+            for n in result.notifications
+        ]
+        event_id = result.notifications[0].event_id if result.notifications else source.where
+        for rule in result.matched:
+            for index in engine.inhibit_sources.get(rule, ()):
+                inhibit = engine.settings.inhibit_rules[index]
+                key = InhibitionLog.key(rule, inhibit.equal, engine.values(inhibit.equal, result.root))
+                self.inhibitions.add(key, seen)  # here at once; other replicas within a fetch
+                sends.append(
+                    _produce(
+                        self.producer,
+                        kafka.inhibitions_topic,
+                        key=key.encode(),
+                        value=InhibitionLog.record(key, seen, event_id),
+                    )
                 )
-                break
-            except KafkaError as exc:
-                log.warning("dead-letter produce failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+        await asyncio.gather(*sends)
+        self.metrics.handoffs.inc(len(result.notifications))
+
+    # --- notify stage: one handoff ----------------------------------------------------------------
+
+    async def _notify_record(self, tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
+        assert self.manager is not None
+        try:
+            handoff = Handoff.decode(record.value, where=f"{tp.topic}/{tp.partition}@{record.offset}")
+        except DecodeError as exc:
+            log.warning("dead-lettering a malformed handoff: %s", exc)
+            await self._dead_letter(record, f"handoff: {exc.reason}")
+            settle()
+            return
+        try:
+            await self.manager.accept(tp.partition, handoff, settle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the alert: dead-letter its source with the reason
+            log.exception("unexpected error handling %s", handoff.source.where)
+            await self._dead_letter_handoff(handoff, f"internal error: {type(exc).__name__}: {exc}", 0)
+            settle()
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        """Take over channels: read their state from the changelog before their first handoff."""
+        assert self.manager is not None and self._reader is not None
+        kafka = self.engine.settings.kafka
+        partitions = {tp.partition for tp in assigned}
+        entries = await Changelog(self.producer, kafka.changelog_topic).read(self._reader, partitions)
+        for partition, changelog in entries.items():
+            self.manager.assign(partition, changelog)
+        self.metrics.owned_partitions.set(len(self.manager.partitions))
+        log.info("owning %s partitions %s", kafka.notifications_topic, self.owned_partitions)
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        assert self.manager is not None and self.notify is not None
+        partitions = {tp.partition for tp in revoked}
+        self.manager.revoke(partitions)
+        flushes = self.manager.flushes_of(partitions)
+        if flushes:
+            await asyncio.wait(flushes, timeout=self.notify.bounds.revoke_timeout_seconds)
+        self.metrics.owned_partitions.set(len(self.manager.partitions))
+        if partitions:
+            log.info("released %s partitions %s", self.engine.settings.kafka.notifications_topic, sorted(partitions))
+
+    async def _persist_limiter(self, channel: str, finished: list[float]) -> None:
+        if self.manager is not None:
+            await self.manager.persist_limiter(channel, finished)
+
+    # --- dead letters -----------------------------------------------------------------------------
+
+    async def _dead_letter(self, record: Any, reason: str, **extra: str | None) -> None:
+        await self._produce_dead_letter(
+            record.key, record.value, record.headers or (), reason, record.topic, record.partition, record.offset, extra
+        )
+
+    async def _dead_letter_handoff(self, handoff: Handoff, reason: str, attempts: int) -> None:
+        n, src = handoff.notification, handoff.source
+        extra = {"rule": n.rule, "channel": n.channel, "event_id": n.event_id, "attempts": str(attempts)}
+        await self._produce_dead_letter(
+            src.key, src.value, src.headers, f"delivery: {reason}", src.topic, src.partition, src.offset, extra
+        )
+
+    async def _produce_dead_letter(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        original: Iterable[tuple[str, bytes]],
+        reason: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        extra: Mapping[str, str | None],
+    ) -> None:
+        """Produce to the dead-letter topic; retried until it succeeds (never lost, never skipped)."""
+        assert self.producer is not None
+        headers = dead_letter_headers(original, reason, topic, partition, offset, **extra)
+        await _produce(
+            self.producer, self.engine.settings.kafka.dead_letter_topic, key=key, value=value, headers=headers
+        )
         self.metrics.dead_letter_records.labels(reason.split(":", 1)[0]).inc()
         if extra.get("channel"):
             self.metrics.dead_lettered.labels(extra["channel"]).inc()
-
-    # --- flow control and commits ---------------------------------------------------------------
-
-    def _backpressure(self) -> None:
-        assert self.consumer is not None
-        service = self.engine.settings.service
-        assigned = self.consumer.assignment()
-        total = sum(t.in_flight for t in self.trackers.values())
-        full = {
-            tp
-            for tp in assigned
-            if total >= service.max_in_flight
-            or self.trackers.get(tp, PartitionTracker()).in_flight >= service.max_in_flight_per_partition
-        }
-        paused = self.consumer.paused()
-        if full - paused:
-            self.consumer.pause(*(full - paused))
-        if paused - full:
-            self.consumer.resume(*(paused - full))
-        self.metrics.paused.set(1 if full else 0)
-
-    async def _maybe_commit(self) -> None:
-        service = self.engine.settings.service
-        due = time.monotonic() - self._last_commit >= service.commit_interval_seconds
-        if due or self._since_commit >= service.commit_every_records:
-            await self._commit()
-
-    async def _commit(self, *, force: bool = False, only: Iterable[TopicPartition] | None = None) -> None:
-        assert self.consumer is not None
-        self._last_commit = time.monotonic()
-        wanted = set(only) if only is not None else set(self.trackers)
-        offsets = {
-            tp: t.next_commit
-            for tp, t in self.trackers.items()
-            if tp in wanted and t.next_commit is not None and t.next_commit != t.committed
-        }
-        if not offsets:
-            return
-        try:
-            await asyncio.wait_for(self.consumer.commit(offsets), timeout=10.0 if not force else 5.0)
-        except (CommitFailedError, KafkaError, TimeoutError) as exc:
-            log.warning("offset commit failed (%s); will retry", type(exc).__name__)
-            return
-        for tp, offset in offsets.items():
-            self.trackers[tp].committed = offset
-            highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset))
-        self._since_commit = 0
-        self.metrics.commits.inc()
-
-    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Finish (or, past a bound, abandon) the revoked partitions' work and commit what is settled."""
-        revoked = [tp for tp in revoked if tp in self.trackers]
-        if not revoked:
-            return
-        bound = min(10.0, self.engine.settings.service.drain_timeout_seconds)
-        async with self.settled:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.settled.wait_for(lambda: all(self.trackers[tp].in_flight == 0 for tp in revoked)), bound
-                )
-        await self._commit(only=revoked)
-        for tp in revoked:
-            self.trackers.pop(tp, None)
 
     # --- readiness -----------------------------------------------------------------------------
 
@@ -376,10 +488,14 @@ class Service:
             "rules": len(self.engine.rules.rules),
             "channels": self.channel_health,
             "degraded": degraded,
+            "notifications_topic": self.engine.settings.kafka.notifications_topic,
+            "owned_partitions": self.owned_partitions,
+            "owned_channels": sorted(self.manager.channel_partition) if self.manager is not None else [],
+            "silences_active": self.silences.silences.active_count(datetime.now(UTC)) if self.silences else 0,
         }
 
     async def watch_channels(self) -> None:
-        """Check every channel's health now and then, for /readyz."""
+        """Check every channel's health now and then, for /readyz; refresh the silences gauge."""
         interval = self.engine.settings.service.health_interval_seconds
         while not self.stopping.is_set():
             # Delivery owns the channels: a reload replaces the ones whose config changed.
@@ -390,7 +506,8 @@ class Service:
                     self.channel_health[name] = "ok"
                 except Exception as exc:  # report any failure as the channel's state, never crash
                     self.channel_health[name] = f"unhealthy: {exc}"[:300]
-            await self._wait(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
 
     def _instrumented(self, engine: Engine) -> Engine:
         engine.rules.on_error = lambda rule: self.metrics.rule_errors.labels(rule.name).inc()
@@ -414,6 +531,8 @@ class Service:
         self.engine = engine
         if self.delivery is not None:
             self.delivery.swap_engine(engine)
+        if self.manager is not None:
+            self.manager.swap_engine(engine)
         for callback in self.on_reload:
             callback(engine)
         self.metrics.reloads.labels("ok").inc()
@@ -421,15 +540,40 @@ class Service:
         return True
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: Service) -> None:
-        self.service = service
+def router_topics(kafka: KafkaSettings) -> dict[str, TopicSpec]:
+    """The topics the router itself uses; the changelog twins the notifications topic partition by partition."""
+    return {
+        kafka.notifications_topic: TopicSpec(kafka.notifications_partitions, compact=False),
+        kafka.changelog_topic: TopicSpec(kafka.notifications_partitions, compact=True),
+        kafka.silences_topic: TopicSpec(1, compact=True),
+        kafka.inhibitions_topic: TopicSpec(1, compact=True),
+        kafka.dead_letter_topic: TopicSpec(kafka.notifications_partitions, compact=False),
+    }
 
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service.on_revoked(revoked)
 
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)))
+async def _produce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> None:
+    """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped)."""
+    backoff = 0.5
+    while True:
+        try:
+            await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
+            return
+        except KafkaError as exc:
+            log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def _where(record: Any) -> str:
+    return f"{record.topic}/{record.partition}@{record.offset}"
 
 
 async def _quietly(awaitable: Awaitable[Any], timeout: float = 10.0) -> None:

@@ -106,6 +106,12 @@ def config(
                     "topics": [topic],
                     "group_id": f"{topic}-group",
                     "dead_letter_topic": f"{topic}-dlq",
+                    # The router's own topics, this test's alone.
+                    "notifications_topic": f"{topic}-notifications",
+                    "notifications_partitions": 4,
+                    "changelog_topic": f"{topic}-changelog",
+                    "silences_topic": f"{topic}-silences",
+                    "inhibitions_topic": f"{topic}-inhibitions",
                     "session_timeout_ms": 1000,
                     "heartbeat_interval_ms": 200,
                 },
@@ -311,7 +317,8 @@ async def test_a_stalled_channel_pauses_fetching_instead_of_growing_memory(
         topic,
         rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
         channels={"hook": {"type": "webhook", "url": webhook.url, "concurrency": 2, "retry": {"budget_seconds": 120}}},
-        service={"max_in_flight": 40, "max_in_flight_per_partition": 15},
+        # The notify stage holds what waits for the channel: its bound is the one that must hold.
+        service={"max_in_flight": 40, "max_in_flight_per_partition": 15, "max_pending_notifications": 40},
     )
     webhook.hold()
     n = 300
@@ -437,7 +444,7 @@ async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, 
 
 
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
-    from router.service import PartitionTracker
+    from router.consumer import PartitionTracker
 
     tracker = PartitionTracker()
     for offset in range(10, 15):

@@ -41,5 +41,14 @@ class DedupMemory:
                 break
             self._expiry.popitem(last=False)
 
+    def remember(self, key: Hashable, expiry: float) -> None:
+        """Take over an entry from another process (``expiry`` on this memory's clock)."""
+        if self.ttl > 0 and expiry > self._clock():
+            self._expiry[key] = expiry
+            self._expiry.move_to_end(key)
+
+    def expiry(self, key: Hashable) -> float | None:
+        return self._expiry.get(key)
+
     def __len__(self) -> int:
         return len(self._expiry)

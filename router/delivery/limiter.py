@@ -10,7 +10,7 @@ however long a round trip took, no window of the server's holds more than N of t
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections.abc import Awaitable, Callable
 
 from router.channels.base import RateLimit
@@ -113,5 +113,19 @@ class WindowLimiter:
     def _finished_one(self, *, sent: bool) -> None:
         self._in_flight -= 1
         if sent:
-            self._finished.append(self._clock())
+            insort(self._finished, self._clock(), lo=self._start)  # a restored log may hold later times
+        self._changed.set()
+
+    def snapshot(self, *, wall_now: float, pending_seconds: float) -> list[float]:
+        """The log in epoch seconds, for another process to resume from: requests still in flight count
+        as finishing ``pending_seconds`` from now (their answer may come that late)."""
+        now = self._clock()
+        recent = [wall_now - (now - t) for t in self._finished[self._start :] if t > now - self._horizon]
+        return recent + [wall_now + pending_seconds] * self._in_flight
+
+    def restore(self, finished: list[float], *, wall_now: float) -> None:
+        """Take over another owner's log (epoch seconds, from ``snapshot``)."""
+        now = self._clock()
+        self._finished = sorted(now - (wall_now - t) for t in finished if t > wall_now - self._horizon)
+        self._start = 0
         self._changed.set()

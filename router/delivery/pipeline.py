@@ -110,8 +110,12 @@ class Delivery:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        before_send: Callable[[str, list[float]], Awaitable[None]] | None = None,
     ) -> None:
         self.metrics = metrics
+        # Called with a rate-limited channel's log (epoch seconds) before each of its sends: the owner of
+        # the channel persists it, so that the next owner never exceeds the limit, even after a crash.
+        self._before_send = before_send
         self._clock = clock
         self._sleep = sleep
         self._engine = engine
@@ -192,6 +196,12 @@ class Delivery:
             endpoint.idle.clear()
             await endpoint.idle.wait()
         await self._close_channel(endpoint.channel)
+
+    def restore_limiter(self, channel: str, finished: list[float]) -> None:
+        """Resume a channel's rate-limit log from its previous owner (epoch seconds)."""
+        lane = self._lanes.get(channel)
+        if lane is not None and lane.limiter is not None:
+            lane.limiter.restore(finished, wall_now=time.time())
 
     # --- delivering ------------------------------------------------------------------------------
 
@@ -280,6 +290,9 @@ class Delivery:
                     raise _CircuitOpen(lane)
                 for job in jobs:
                     job.attempts += 1
+                if slot is not None and lane.limiter is not None and self._before_send is not None:
+                    log_now = lane.limiter.snapshot(wall_now=time.time(), pending_seconds=lane.config.timeout_seconds)
+                    await self._before_send(lane.name, log_now)
                 try:
                     async with asyncio.timeout(lane.config.timeout_seconds):
                         await endpoint.channel.send(notification)

@@ -156,7 +156,7 @@ async def run_demo(outbox: Path, *, exit_after: bool) -> int:
 
 
 def _settled(service: Service, produced: int) -> bool:
-    return service.committed >= produced and not service.tasks
+    return service.committed >= produced and service.idle
 
 
 def print_summary(

@@ -1,0 +1,241 @@
+"""One consumer group's loop, shared by the routing stage (source topics) and the notify stage (the
+notifications topic): fetch, hand each record to the stage, commit the settled prefix — at least once.
+
+A record's offset is committed only once the stage settles it; per partition the commit point is the
+lowest offset still unsettled, so records finishing out of order never skip one. Commits go out in
+batches (time or count). Unsettled records are bounded per partition and overall: past the bound,
+fetching pauses (Kafka keeps the backlog, not our memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from router.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# (partition, record, settle): the stage calls ``settle()`` once the record is done with, maybe later.
+Handler = Callable[[TopicPartition, Any, Callable[[], None]], Awaitable[None]]
+RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
+AssignHook = Callable[[set[TopicPartition]], Awaitable[None]]
+
+
+@dataclass
+class PartitionTracker:
+    """Offsets of one partition in consumption order; the commit point advances over settled ones."""
+
+    order: deque[int] = field(default_factory=deque)
+    settled: set[int] = field(default_factory=set)
+    next_commit: int | None = None
+    committed: int | None = None
+    busy: int = 0  # handler calls still running (a settled record's may still be finishing)
+
+    def start(self, offset: int) -> None:
+        self.order.append(offset)
+
+    def settle(self, offset: int) -> None:
+        self.settled.add(offset)
+        while self.order and self.order[0] in self.settled:
+            done = self.order.popleft()
+            self.settled.discard(done)
+            self.next_commit = done + 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.order)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    max_in_flight: int
+    max_in_flight_per_partition: int
+    commit_interval_seconds: float
+    commit_every_records: int
+    revoke_timeout_seconds: float
+
+
+class ConsumerStage:
+    def __init__(
+        self,
+        name: str,
+        consumer: AIOKafkaConsumer,
+        bounds: Bounds,
+        metrics: Metrics,
+        handler: Handler,
+        *,
+        on_assigned: AssignHook | None = None,
+        on_revoked: RevokeHook | None = None,
+    ) -> None:
+        self.name = name
+        self.consumer = consumer
+        self.bounds = bounds
+        self.metrics = metrics
+        self.handler = handler
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self.trackers: dict[TopicPartition, PartitionTracker] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.peak_in_flight = 0
+        self.paused = False
+        self._progress = asyncio.Event()
+        self._since_commit = 0
+        self._last_commit = time.monotonic()
+
+    def listener(self) -> ConsumerRebalanceListener:
+        return _Rebalance(self)
+
+    @property
+    def committed(self) -> int:
+        """Committed offsets summed over the owned partitions: records settled for good."""
+        return sum(t.committed or 0 for t in self.trackers.values())
+
+    @property
+    def in_flight(self) -> int:
+        return sum(t.in_flight for t in self.trackers.values())
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self._backpressure()
+            # Never take more than the room left, so the bound holds even within one batch.
+            room = max(1, min(self.bounds.max_in_flight - self.in_flight, self.bounds.max_in_flight_per_partition))
+            try:
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=room)
+            except KafkaError as exc:
+                log.warning("%s: fetch failed (%s); retrying", self.name, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), 1.0)
+                continue
+            for tp, records in batch.items():
+                tracker = self.trackers.setdefault(tp, PartitionTracker())
+                for record in records:
+                    tracker.start(record.offset)
+                    task = asyncio.create_task(self._process(tp, tracker, record))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self._backpressure()
+            await self._maybe_commit()
+
+    async def _process(self, tp: TopicPartition, tracker: PartitionTracker, record: Any) -> None:
+        done = False
+
+        def settle() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                tracker.settle(record.offset)
+                self._since_commit += 1
+                self._progress.set()
+
+        tracker.busy += 1
+        try:
+            await self.handler(tp, record, settle)
+        finally:
+            tracker.busy -= 1
+            self._progress.set()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Wait (bounded) until ``condition`` holds; it is checked whenever a record progresses."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not condition():
+            self._progress.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+        return True
+
+    # --- flow control and commits ---------------------------------------------------------------
+
+    def _backpressure(self) -> None:
+        assigned = self.consumer.assignment()
+        total = self.in_flight
+        full = {
+            tp
+            for tp in assigned
+            if total >= self.bounds.max_in_flight
+            or self.trackers.get(tp, PartitionTracker()).in_flight >= self.bounds.max_in_flight_per_partition
+        }
+        paused = self.consumer.paused()
+        if full - paused:
+            self.consumer.pause(*(full - paused))
+        if paused - full:
+            self.consumer.resume(*(paused - full))
+        self.paused = bool(full)
+
+    async def _maybe_commit(self) -> None:
+        due = time.monotonic() - self._last_commit >= self.bounds.commit_interval_seconds
+        if due or self._since_commit >= self.bounds.commit_every_records:
+            await self.commit()
+
+    async def commit(self, *, force: bool = False, only: Iterable[TopicPartition] | None = None) -> None:
+        self._last_commit = time.monotonic()
+        wanted = set(only) if only is not None else set(self.trackers)
+        offsets = {
+            tp: t.next_commit
+            for tp, t in self.trackers.items()
+            if tp in wanted and t.next_commit is not None and t.next_commit != t.committed
+        }
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(self.consumer.commit(offsets), timeout=10.0 if not force else 5.0)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
+            log.warning("%s: offset commit failed (%s); will retry", self.name, type(exc).__name__)
+            return
+        for tp, offset in offsets.items():
+            self.trackers[tp].committed = offset
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset))
+        self._since_commit = 0
+        self.metrics.commits.inc()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for the handler calls in progress."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=max(0.0, timeout))
+
+    def cancel(self) -> None:
+        for task in set(self.tasks):
+            task.cancel()  # not settled, so not committed: read again after the restart
+
+    async def revoked(self, revoked: set[TopicPartition]) -> None:
+        """Let the stage drop the revoked partitions' waiting work, finish what is running (bounded), and
+        commit what is settled."""
+        revoked = {tp for tp in revoked if tp in self.trackers}
+        if self.on_revoked is not None:
+            await self.on_revoked(revoked)
+        if not revoked:
+            return
+        await self.wait_until(
+            lambda: all(self.trackers[tp].busy == 0 for tp in revoked), self.bounds.revoke_timeout_seconds
+        )
+        await self.commit(only=revoked)
+        for tp in revoked:
+            self.trackers.pop(tp, None)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, stage: ConsumerStage) -> None:
+        self.stage = stage
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.stage.revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("%s: assigned %s", self.stage.name, ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)))
+        if self.stage.on_assigned is not None:
+            await self.stage.on_assigned(set(assigned))

@@ -1,0 +1,321 @@
+"""Alert management against a real broker (Tansu) and the embedded DingTalk robot: grouping, throttling,
+inhibition (both orders), time intervals, ownership moving mid-group, and a storm through two router
+processes (one of them killed) that never exceeds the robot's limit and loses no alert."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.embedded.broker import TansuBroker
+from router.embedded.dingtalk import FakeDingTalk
+from router.engine import load
+from router.errors import ConfigError
+from router.service import Service
+from tests.conftest import ROOT
+from tests.test_service import config, produce, running, start_router, wait_until
+
+WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
+def failed(task_id: str, project: str = "p", code: str = "InvalidArgument", task_type: str = "MediaConvert") -> bytes:
+    return json.dumps(
+        {
+            "TaskType": task_type,
+            "TaskId": task_id,
+            "RequestId": f"req-{task_id}",
+            "Status": "Failed",
+            "Code": code,
+            "ProjectName": project,
+            "URI": f"oss://bucket/{task_id}",
+        }
+    ).encode()
+
+
+def blocked(task_id: str, project: str = "p") -> bytes:
+    return json.dumps(
+        {
+            "TaskType": "ImageModeration",
+            "TaskId": task_id,
+            "RequestId": f"req-{task_id}",
+            "Status": "Succeeded",
+            "Suggestion": "block",
+            "ProjectName": project,
+            "URI": f"oss://bucket/{task_id}",
+        }
+    ).encode()
+
+
+def write_rules(tmp_path: Path, notify: dict[str, Any], *, block_rule: bool = False) -> Path:
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    doc: dict[str, Any] = {
+        "rules": [
+            {
+                "name": "task-failed",
+                "events": ["imm:Task:*"],
+                "when": "imm.outcome == 'failed'",
+                "severity": "critical",
+                "notify": [{"channel": "robot", "template": "dingtalk/task-failed.md.j2", **notify}],
+            }
+        ]
+    }
+    if block_rule:
+        doc["rules"].append(
+            {
+                "name": "moderation-block",
+                "events": ["imm:Task:*"],
+                "when": "imm.moderation.suggestion == 'block'",
+                "notify": [{"channel": "robot", "template": "dingtalk/moderation.md.j2"}],
+            }
+        )
+    (rules / "rules.yaml").write_text(json.dumps(doc))
+    return rules
+
+
+def router_config(
+    tmp_path: Path,
+    tansu: TansuBroker,
+    topic: str,
+    robot: FakeDingTalk,
+    notify: dict[str, Any],
+    *,
+    block_rule: bool = False,
+    **top: Any,
+) -> Path:
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=write_rules(tmp_path, notify, block_rule=block_rule),
+        channels={"robot": {"type": "dingtalk", "url": robot.webhook_url("tok"), "secret": "sec"}},
+    )
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, **top}))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def robot(**kwargs: Any) -> AsyncIterator[FakeDingTalk]:
+    async with FakeDingTalk({"tok": "sec"}, **kwargs) as server:
+        yield server
+
+
+def texts(server: FakeDingTalk) -> list[str]:
+    return [m["markdown"]["text"] for m in server.messages]
+
+
+def ids_in(server: FakeDingTalk, ids: list[str]) -> set[str]:
+    joined = "\n".join(texts(server))
+    return {i for i in ids if i in joined}
+
+
+async def test_a_group_collects_a_burst_into_one_message_per_group(tansu, unique_topic, tmp_path: Path) -> None:
+    topic = unique_topic("events")
+    async with robot() as server:
+        notify = {"group_by": ["imm.project", "imm.error_code"], "group_wait": "2s", "group_interval": "1h"}
+        path = router_config(tmp_path, tansu, topic, server, notify)
+        tasks = [(f"g-{i}", f"proj-{i % 2}") for i in range(40)]
+        async with running(path) as service:
+            await produce(tansu.bootstrap_servers, topic, [(failed(t, p), []) for t, p in tasks])
+            await server.wait_for(2, timeout=30)
+            await wait_until(lambda: service.idle and service.committed == len(tasks), what="all settled")
+            assert len(server.messages) == 2  # one per project: group_interval holds any later ones
+        joined = texts(server)
+        for project in ("proj-0", "proj-1"):
+            [message] = [t for t in joined if f"imm.project**: {project}" in t]
+            assert "20 alerts" in message
+        assert ids_in(server, [t for t, _ in tasks]) == {t for t, _ in tasks}
+        assert service.metrics.group_messages.labels("robot")._value.get() == 2
+
+
+async def test_throttle_sends_the_first_alert_then_one_summary_of_the_held(
+    tansu, unique_topic, tmp_path: Path
+) -> None:
+    topic = unique_topic("events")
+    async with robot() as server:
+        notify = {"throttle": {"key": ["imm.project"], "for": "3s"}}
+        path = router_config(tmp_path, tansu, topic, server, notify)
+        async with running(path) as service:
+            await produce(tansu.bootstrap_servers, topic, [(failed("t-first"), [])])
+            await server.wait_for(1, timeout=20)
+            await produce(tansu.bootstrap_servers, topic, [(failed(f"t-held-{i}"), []) for i in range(5)])
+            await server.wait_for(2, timeout=20)
+            held = service.metrics.suppressed.labels("robot", "throttled")._value.get()
+        first, summary = texts(server)
+        assert "t-first" in first and "t-held" not in first
+        assert "5 alerts held by the throttle" in summary and all(f"t-held-{i}" in summary for i in range(5))
+        assert held == 5
+
+
+async def test_a_source_inhibits_targets_seen_after_it(tansu, unique_topic, tmp_path: Path) -> None:
+    topic = unique_topic("events")
+    inhibit = [{"source_rules": ["moderation-block"], "target_rules": ["task-failed"], "equal": ["imm.project"]}]
+    async with robot() as server:
+        path = router_config(tmp_path, tansu, topic, server, {}, block_rule=True, inhibit_rules=inhibit)
+        async with running(path) as service:
+            await produce(tansu.bootstrap_servers, topic, [(blocked("src-1", "p1"), [])])
+            await server.wait_for(1, timeout=20)
+            await produce(
+                tansu.bootstrap_servers, topic, [(failed("tgt-same", "p1"), []), (failed("tgt-other", "p2"), [])]
+            )
+            await server.wait_for(2, timeout=20)
+            await wait_until(lambda: service.idle and service.committed == 3, what="all settled")
+            inhibited = service.metrics.suppressed.labels("robot", "inhibited")._value.get()
+        assert ids_in(server, ["src-1", "tgt-same", "tgt-other"]) == {"src-1", "tgt-other"}
+        assert inhibited == 1
+
+
+async def test_a_source_inhibits_targets_still_waiting_in_group_wait(tansu, unique_topic, tmp_path: Path) -> None:
+    topic = unique_topic("events")
+    inhibit = [{"source_rules": ["moderation-block"], "target_rules": ["task-failed"], "equal": ["imm.project"]}]
+    notify = {"group_by": ["imm.project"], "group_wait": "3s"}
+    async with robot() as server:
+        path = router_config(tmp_path, tansu, topic, server, notify, block_rule=True, inhibit_rules=inhibit)
+        async with running(path) as service:
+            await produce(tansu.bootstrap_servers, topic, [(failed("waiting", "p1"), [])])
+            await wait_until(lambda: service.metrics.groups_open._value.get() == 1, what="the target's group")
+            await produce(tansu.bootstrap_servers, topic, [(blocked("late-src", "p1"), [])])
+            await server.wait_for(1, timeout=20)
+            await wait_until(lambda: service.idle and service.committed == 2, timeout=20, what="the group settled")
+            inhibited = service.metrics.suppressed.labels("robot", "inhibited")._value.get()
+        assert ids_in(server, ["waiting", "late-src"]) == {"late-src"}
+        assert inhibited == 1
+
+
+async def test_mute_and_active_time_intervals(tansu, unique_topic, tmp_path: Path) -> None:
+    today = WEEKDAYS[datetime.now(UTC).weekday()]
+    other = WEEKDAYS[(datetime.now(UTC).weekday() + 3) % 7]
+    intervals = [
+        {"name": "today", "time_intervals": [{"weekdays": [today]}]},
+        {"name": "another-day", "time_intervals": [{"weekdays": [other]}]},
+    ]
+    cases = [({"mute_time_intervals": ["today"]}, False), ({"active_time_intervals": ["another-day"]}, False)]
+    cases += [({"active_time_intervals": ["today"], "mute_time_intervals": ["another-day"]}, True)]
+    for i, (notify, sent) in enumerate(cases):
+        topic = unique_topic(f"events{i}")
+        async with robot() as server:
+            case_dir = tmp_path / str(i)
+            case_dir.mkdir()
+            path = router_config(case_dir, tansu, topic, server, notify, time_intervals=intervals)
+            async with running(path) as service:
+                await produce(tansu.bootstrap_servers, topic, [(failed(f"w-{i}"), [])])
+                await wait_until(lambda s=service: s.idle and s.committed == 1, what="the event settled")
+                muted = service.metrics.suppressed.labels("robot", "muted")._value.get()
+            assert (len(server.messages), muted) == ((1, 0) if sent else (0, 1)), notify
+
+
+async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(
+    tansu, unique_topic, tmp_path: Path
+) -> None:
+    topic = unique_topic("events")
+    async with robot() as server:
+        notify = {"group_by": ["imm.project"], "group_wait": "4s", "group_interval": "1h"}
+        path = router_config(tmp_path, tansu, topic, server, notify)
+        tasks = [f"m-{i}" for i in range(30)]
+        first = Service(load(path), path)
+        first_run = asyncio.create_task(first.run())
+        try:
+            await produce(tansu.bootstrap_servers, topic, [(failed(t), []) for t in tasks[:15]])
+            await wait_until(lambda: first.metrics.groups_open._value.get() == 1, what="the group on the first")
+            async with running(path) as second:
+                # The first leaves while its group waits: the channel's next owner reads the group again.
+                first.stop()
+                await asyncio.wait_for(first_run, 30)
+                await produce(tansu.bootstrap_servers, topic, [(failed(t), []) for t in tasks[15:]])
+                await server.wait_for(1, timeout=30)
+                await wait_until(lambda: second.idle, timeout=20, what="the second settled")
+        finally:
+            first.stop()
+            await asyncio.wait_for(first_run, 30)
+        assert len(server.messages) == 1
+        assert ids_in(server, tasks) == set(tasks)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"notify": {"mute_time_intervals": ["nope"]}}, "unknown interval 'nope'"),
+        ({"notify": {"group_wait": "5 minutes"}}, "is not a duration"),
+        ({"notify": {"group_by": ["imm.project =="]}}, "group_by entry 'imm.project ==' is not valid JMESPath"),
+        ({"inhibit_rules": [{"source_rules": ["nope"], "target_rules": ["task-failed"]}]}, "unknown rule 'nope'"),
+        ({"notify": {"group_template": "group/missing.j2", "group_by": ["imm.project"]}}, "group_template"),
+    ],
+)
+def test_bad_alert_management_config_names_file_and_line(
+    tmp_path: Path, edit: dict[str, Any], expected: str
+) -> None:
+    rules = write_rules(tmp_path, edit.get("notify", {}))
+    config_file = tmp_path / "router.yaml"
+    lines = [
+        f"rules_dir: {rules}",
+        f"templates_dir: {ROOT / 'templates'}",
+        "channels:",
+        "  robot: {type: dingtalk, url: 'http://127.0.0.1:1/robot/send?access_token=t'}",
+    ]
+    if "inhibit_rules" in edit:
+        lines.append("inhibit_rules: " + json.dumps(edit["inhibit_rules"]))
+    config_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load(config_file)
+    message = str(raised.value)
+    assert expected in message
+    assert ("rules.yaml:1" in message) or ("router.yaml:5" in message)
+
+
+# --- several router processes ---------------------------------------------------------------------
+
+
+async def storm(tansu: TansuBroker, unique_topic, tmp_path: Path, *, kill_one: bool) -> None:
+    topic = unique_topic("storm")
+    async with robot() as server:  # enforces 20 messages a minute; beyond that 130101 for ten minutes
+        notify = {"group_by": ["imm.project", "imm.error_code"], "group_wait": "2s", "group_interval": "20s"}
+        path = router_config(tmp_path, tansu, topic, server, notify)
+        tasks = [(f"s-{i}", f"proj-{i % 3}", ("InvalidArgument", "ResourceNotFound")[i % 2]) for i in range(2000)]
+        routers = [await start_router(path, tmp_path / f"r{n}.log") for n in range(2)]
+        try:
+            await wait_until(
+                lambda: all("owning" in (tmp_path / f"r{n}.log").read_text() for n in range(2)),
+                timeout=60,
+                what="both routers to own notification partitions",
+            )
+            await produce(tansu.bootstrap_servers, topic, [(failed(t, p, c), []) for t, p, c in tasks[:1000]])
+            if kill_one:
+                await server.wait_for(1, timeout=60)
+                routers[0].kill()
+                await routers[0].wait()
+            await produce(tansu.bootstrap_servers, topic, [(failed(t, p, c), []) for t, p, c in tasks[1000:]])
+            ids = [t for t, _, _ in tasks]
+            await wait_until(lambda: len(ids_in(server, ids)) == len(ids), timeout=120, what="every task id")
+        finally:
+            for r in routers:
+                if r.returncode is None:
+                    r.send_signal(signal.SIGTERM)
+            for r in routers:
+                await asyncio.wait_for(r.wait(), 30)
+    over_limit = server.errcodes.get(130101, 0)
+    counts = [len(server.messages), over_limit]
+    print(f"storm kill_one={kill_one}: 2000 events → {counts[0]} DingTalk messages, {over_limit} over-limit")
+    assert over_limit == 0
+    # 6 groups: one message at group_wait, then at most one per group_interval while the storm lasts.
+    assert len(server.messages) <= 6 * 4
+
+
+async def test_storm_through_two_router_processes(tansu, unique_topic, tmp_path: Path) -> None:
+    await storm(tansu, unique_topic, tmp_path, kill_one=False)
+
+
+async def test_storm_with_one_router_killed_mid_storm(tansu, unique_topic, tmp_path: Path) -> None:
+    await storm(tansu, unique_topic, tmp_path, kill_one=True)
+
+
+def now_plus(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
