@@ -6,18 +6,21 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
 from router import __version__
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import load
+from router.engine import Engine, load
 from router.errors import ConfigError, DecodeError, RouterError
 from router.render import TemplateSet
+
+if TYPE_CHECKING:
+    from router.alerting.silences import SilenceStore
 
 log = logging.getLogger("router")
 
@@ -51,6 +54,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     engine = load(args.config)
+    if args.explain:
+        from router.alerting.explain import explain
+
+        return explain(engine, read_inputs(args.inputs, sys.stdin), sys.stdout)
     failed = False
     out = sys.stdout
     for name, raw in read_inputs(args.inputs, sys.stdin):
@@ -121,6 +128,173 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.outbox, exit_after=args.exit))
 
 
+# --- silences -------------------------------------------------------------------------------------
+
+
+def cmd_silence(args: argparse.Namespace) -> int:
+    engine = load(args.config)
+    if args.action == "add":
+        fields = _silence_fields(args, engine)
+        return asyncio.run(_silence(engine, lambda store: _silence_add(store, fields)))
+    if args.action == "list":
+        return asyncio.run(_silence(engine, lambda store: _silence_list(store, engine.settings.timezone)))
+    return asyncio.run(_silence(engine, lambda store: _silence_expire(store, args.id)))
+
+
+def _silence_fields(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    """Check ``silence add``'s options against the config before touching Kafka (ConfigError: exit 2)."""
+    from datetime import UTC, datetime, timedelta
+
+    from router.alerting.silences import check_names
+    from router.alerting.timing import parse_duration
+    from router.rules import compile_expression
+
+    compile_expression(args.match, what="--match")
+    check_names(args.rule, args.channel, [r.name for r in engine.rules.rules], list(engine.settings.channels))
+    now = datetime.now(UTC)
+    if args.until is not None:
+        try:
+            ends_at = datetime.fromisoformat(args.until)
+        except ValueError:
+            raise ConfigError(
+                f"--until {args.until!r} is not an ISO 8601 time, e.g. 2026-12-01T08:00:00+08:00"
+            ) from None
+        if ends_at.tzinfo is None:
+            raise ConfigError(f"--until {args.until!r} has no time zone: add one, e.g. 2026-12-01T08:00:00+08:00")
+        if ends_at <= now:
+            raise ConfigError(f"--until {args.until} is in the past (now {now.isoformat(timespec='seconds')})")
+    else:
+        try:
+            seconds = parse_duration(args.for_)
+        except ValueError as exc:
+            raise ConfigError(f"--for: {exc}") from None
+        if seconds <= 0:
+            raise ConfigError(f"--for {args.for_!r} must be longer than nothing, e.g. 2h")
+        ends_at = now + timedelta(seconds=seconds)
+    for name in ("comment", "author"):
+        if not getattr(args, name).strip():
+            raise ConfigError(f"--{name} is empty")
+    return {
+        "match": args.match,
+        "rule": args.rule,
+        "channel": args.channel,
+        "ends_at": ends_at,
+        "comment": args.comment,
+        "author": args.author,
+    }
+
+
+async def _silence(engine: Engine, action: Callable[[SilenceStore], Awaitable[int]]) -> int:
+    """Run ``action(store)`` with a SilenceStore that has read the whole silences topic."""
+    from aiokafka.errors import KafkaError
+
+    from router.alerting.silences import SilenceStore
+
+    kafka = engine.settings.kafka
+    store = SilenceStore(kafka.client_options(), kafka.silences_topic, replication_factor=kafka.replication_factor)
+    try:
+        await store.start()
+        try:
+            await asyncio.wait_for(store.caught_up.wait(), 30)
+        except TimeoutError:
+            raise RouterError(
+                f"could not read topic {kafka.silences_topic} from Kafka at {kafka.bootstrap_servers} within 30s"
+            ) from None
+        return await action(store)
+    except KafkaError as exc:
+        raise RouterError(f"Kafka at {kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+    finally:
+        await store.stop()
+
+
+async def _silence_add(store: SilenceStore, fields: dict[str, Any]) -> int:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    for same in store.silences.same_as(fields["match"], fields["rule"], fields["channel"], now):
+        print(
+            f"note: silence {same.id} by {same.author} already silences this until "
+            f"{same.ends_at.isoformat(timespec='seconds')} ({same.comment}); adding another",
+            file=sys.stderr,
+        )
+    silence = await store.add(**fields)
+    print(silence.id)
+    return 0
+
+
+async def _silence_list(store: SilenceStore, timezone: str) -> int:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from router.alerting.timing import format_duration
+
+    now = datetime.now(UTC)
+    zone = ZoneInfo(timezone)
+    silences = store.silences.listing(now)
+    if not silences:
+        print("no active or pending silences (and none expired in the last day)")
+        return 0
+
+    def when(moment: datetime) -> str:
+        ago = (moment - now).total_seconds()
+        relative = f"in {format_duration(ago)}" if ago > 0 else f"{format_duration(-ago)} ago"
+        return f"{moment.astimezone(zone):%Y-%m-%d %H:%M} ({relative})"
+
+    rows = [("ID", "STATE", "STARTS", "ENDS", "RULE", "CHANNEL", "MATCH", "AUTHOR", "COMMENT")]
+    for s in silences:
+        state = s.state(now)
+        rows.append(
+            (
+                s.id,
+                "EXPIRED" if state == "expired" else state,
+                when(s.starts_at),
+                when(s.ends_at),
+                s.rule or "*",
+                s.channel or "*",
+                s.match,
+                s.author,
+                s.comment,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    print(f"(times in {timezone}; rule or channel * = any)")
+    return 0
+
+
+async def _silence_expire(store: SilenceStore, silence_id: str) -> int:
+    silence = await store.expire(silence_id)
+    print(f"expired {silence.id} ({silence.match})")
+    return 0
+
+
+def add_silence_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("silence", help="add, list and expire silences (shared by every replica through Kafka)")
+    actions = group.add_subparsers(dest="action", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=Path("router.yaml"), help="config file (router.yaml)")
+        p.set_defaults(func=cmd_silence)
+        return p
+
+    p = action("add", "silence the alerts matching a condition for a while; prints the new silence's id")
+    p.add_argument(
+        "--match", required=True, help="JMESPath on what a rule's `when` sees, e.g. \"imm.project == 'staging'\""
+    )
+    p.add_argument("--rule", help="only this rule's alerts")
+    p.add_argument("--channel", help="only alerts to this channel")
+    window = p.add_mutually_exclusive_group(required=True)
+    window.add_argument("--for", dest="for_", metavar="DURATION", help="how long from now: 30m, 2h, 1d")
+    window.add_argument("--until", metavar="TIME", help="when it ends, with a time zone: 2026-12-01T08:00:00+08:00")
+    p.add_argument("--comment", required=True, help="why (a ticket, an incident)")
+    p.add_argument("--author", required=True, help="who adds it")
+    action("list", "show active and pending silences, and those expired in the last day")
+    p = action("expire", "end a silence now")
+    p.add_argument("id", metavar="ID", help="the silence's id (see `silence list`)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="imm-router", description="Route Alibaba Cloud IMM events to alerts.")
     top.add_argument("--version", action="version", version=f"imm-router {__version__}")
@@ -136,6 +310,11 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = command("route", "dry run: print the notifications events would produce, one JSON line each")
     p.add_argument("inputs", nargs="*", metavar="PATH|-", help="JSON event, array or JSON lines; - is stdin")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="per event: the rules that matched and what alert management would do now, and why",
+    )
     p.set_defaults(func=cmd_route)
     p = command("test", "run rule unit tests (YAML cases of events and expected notifications)")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -158,6 +337,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outbox", type=Path, default=Path("outbox"), help="where received alerts are written")
     p.add_argument("--exit", action="store_true", help="exit once the example events are routed")
     p.set_defaults(func=cmd_demo)
+    add_silence_commands(sub)
     return top
 
 

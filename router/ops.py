@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, SecretStr
 
+from router.alerting.silence_api import SilenceAPI
 from router.channels.base import Scrubber
 from router.config import Settings
 
@@ -114,6 +115,10 @@ class OpsServer:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        paths = "/metrics /healthz /readyz"
+        if hasattr(self.service, "silences"):
+            self._silence_api().add_routes(app)
+            paths += " /api/v1/silences"
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
@@ -122,7 +127,17 @@ class OpsServer:
         sockets = getattr(server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("serving /metrics /healthz /readyz on %s:%d", self.host, self.port)
+        log.info("serving %s on %s:%d", paths, self.host, self.port)
+
+    def _silence_api(self) -> SilenceAPI:
+        # Looked up per request: the service creates its store once Kafka answers (after this server
+        # starts), and a reload may change the token or the rule and channel names.
+        service = self.service
+        return SilenceAPI(
+            lambda: getattr(service, "silences", None),
+            lambda: service.engine.settings.http.api_token,
+            names=lambda: ({r.name for r in service.engine.rules.rules}, set(service.engine.settings.channels)),
+        )
 
     async def stop(self) -> None:
         if self.runner is not None:

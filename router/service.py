@@ -417,12 +417,12 @@ class Service:
         log.info("owning %s partitions %s", kafka.notifications_topic, self.owned_partitions)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
-        assert self.manager is not None and self.notify is not None
+        assert self.manager is not None
         partitions = {tp.partition for tp in revoked}
         self.manager.revoke(partitions)
         flushes = self.manager.flushes_of(partitions)
         if flushes:
-            await asyncio.wait(flushes, timeout=self.notify.bounds.revoke_timeout_seconds)
+            await asyncio.wait(flushes, timeout=min(10.0, self.engine.settings.service.drain_timeout_seconds))
         self.metrics.owned_partitions.set(len(self.manager.partitions))
         if partitions:
             log.info("released %s partitions %s", self.engine.settings.kafka.notifications_topic, sorted(partitions))

@@ -1,5 +1,7 @@
 """The Helm chart (helm/imm-router): renders, lints, validates against Kubernetes 1.30, is hardened,
-and mounts a config + rules + templates set that `imm-router check` accepts.
+refuses values whose pods would crash for want of a Secret, passes the router's own topics and the
+HTTP API token (from the Secret only) through, and mounts a config + rules + templates set that
+`imm-router check` accepts.
 
 No cluster and no helm binary: helm-python-sdk renders and lints in-process, kubernetes-validate
 checks manifests offline. Everything here takes well under a second except the `check` subprocesses.
@@ -21,6 +23,9 @@ import kubernetes_validate
 import pytest
 import trustme
 import yaml
+
+from router.config import KafkaSettings
+from router.service import router_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "imm-router"
@@ -95,12 +100,19 @@ COMMON_ON: dict[str, Any] = {
         "logLevel": "DEBUG",
         "timezone": "Asia/Shanghai",
         "httpPort": 9090,
+        "apiTokenKey": "API_TOKEN",
     },
     "kafka": {
         "bootstrapServers": "b-1.kafka:9093,b-2.kafka:9093",
         "topics": ["imm-events", "imm-mns"],
         "groupId": "imm-router-prod",
         "deadLetterTopic": "imm-router-prod-dlq",
+        "notificationsTopic": "imm-router-prod-notifications",
+        "notificationsPartitions": 24,
+        "changelogTopic": "imm-router-prod-changelog",
+        "silencesTopic": "imm-router-prod-silences",
+        "inhibitionsTopic": "imm-router-prod-inhibitions",
+        "replicationFactor": 3,
         "securityProtocol": "SASL_SSL",
         "sasl": {"enabled": True, "mechanism": "SCRAM-SHA-512"},
         "tls": {"caSecret": "kafka-ca", "caKey": "ca.pem"},
@@ -205,9 +217,31 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The chart's defaults plus the one value they require: the default channels read ${DINGTALK_TOKEN},
+# ${DINGTALK_SECRET} and ${SMTP_PASSWORD}, so without a Secret the chart refuses to render.
+DEFAULTS: dict[str, Any] = {"existingSecret": "imm-router-secrets"}
+
+# Opting out of secrets: only the Kafka channel, with a rule that notifies it. Starts with no Secret.
+NO_SECRETS: dict[str, Any] = {
+    "channels": {"oncall-dingtalk": None, "ops-email": None},
+    "rules": {
+        "files": {
+            "failures.yaml": """\
+rules:
+  - name: any-failure
+    when: "imm.outcome == 'failed'"
+    notify:
+      - channel: alerts-topic
+        template: kafka/alert.json.j2
+""",
+        }
+    },
+}
+
 # HPA and KEDA exclude each other, so "everything on" comes in two flavours.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
+    "defaults": DEFAULTS,
+    "no-secrets": NO_SECRETS,
     "all-on-keda": merged(
         COMMON_ON,
         {
@@ -231,6 +265,7 @@ SECRET_ENV = {
     "HOOK_SECRET": "hs",
     "KAFKA_USERNAME": "imm",
     "KAFKA_PASSWORD": "kpw",
+    "API_TOKEN": "api",
 }
 
 
@@ -323,7 +358,7 @@ def test_manifests_validate_against_kubernetes(chart: helm_python.Chart, variant
 
 
 def test_default_render_is_minimal(chart: helm_python.Chart) -> None:
-    docs = render(chart, {})
+    docs = render(chart, DEFAULTS)
     assert sorted(d["kind"] for d in docs) == [
         "ConfigMap",
         "ConfigMap",
@@ -350,7 +385,9 @@ def test_every_optional_piece_renders(chart: helm_python.Chart) -> None:
     assert "ScaledObject" not in kinds(hpa)
     for docs in (keda, hpa):  # the autoscaler owns the replica count
         assert "replicas" not in one(docs, "Deployment")["spec"]
-    off = render(chart, {"podDisruptionBudget": {"enabled": False}, "serviceAccount": {"enabled": False}})
+    off = render(
+        chart, merged(DEFAULTS, {"podDisruptionBudget": {"enabled": False}, "serviceAccount": {"enabled": False}})
+    )
     assert not kinds(off) & {"PodDisruptionBudget", "ServiceAccount"}
     assert pod_spec(off)["serviceAccountName"] == "default"
 
@@ -400,6 +437,189 @@ def test_hpa_and_keda_together_fail_with_a_clear_message(chart: helm_python.Char
     message = r"autoscaling\.enabled and keda\.enabled are mutually exclusive"
     with pytest.raises(helm_python.HelmRenderError, match=message):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- no Secret, no pods that crash ---------------------------------------------------------
+
+REFUSAL = re.compile(
+    r"existingSecret is not set: create a Secret holding the keys (?P<keys>[A-Za-z0-9_.-]+(?:, [A-Za-z0-9_.-]+)*)"
+    r" \(needed by (?P<users>[^)]+)\) and set existingSecret to its name; without them the pods cannot start\."
+)
+
+
+def refusal(chart: helm_python.Chart, values: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys and the values needing them that the refusal names; the message is one line."""
+    with pytest.raises(helm_python.HelmRenderError) as info:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    message = str(info.value)
+    assert "\n" not in message, message
+    match = REFUSAL.search(message)
+    assert match, message
+    return match["keys"].split(", "), match["users"].split(", ")
+
+
+def test_defaults_refuse_naming_existing_secret_and_its_keys(chart: helm_python.Chart) -> None:
+    keys, users = refusal(chart, {})
+    assert keys == ["DINGTALK_SECRET", "DINGTALK_TOKEN", "SMTP_PASSWORD"]
+    assert users == ["channels.oncall-dingtalk", "channels.ops-email"]
+    # The keys are exactly the ${VAR}s of the config that renders once the Secret is named ...
+    text = one(render(chart, DEFAULTS), "ConfigMap", f"{FULLNAME}-config")["data"]["router.yaml"]
+    assert sorted(set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text))) == keys
+    # ... and the README quotes the message word for word.
+    readme = (CHART / "README.md").read_text()
+    assert f"existingSecret is not set: create a Secret holding the keys {', '.join(keys)} (needed by" in readme
+
+
+@pytest.mark.parametrize(
+    ("values", "keys", "users"),
+    [
+        (  # SASL credentials come from the Secret too
+            {
+                "kafka": {"securityProtocol": "SASL_SSL", "sasl": {"enabled": True}},
+                "channels": {"oncall-dingtalk": None},
+            },
+            ["KAFKA_PASSWORD", "KAFKA_USERNAME", "SMTP_PASSWORD"],
+            ["channels.ops-email", "kafka.sasl"],
+        ),
+        (  # a variable `env` sets is not needed from the Secret; a ${VAR:-default} never is
+            {
+                "env": [{"name": "SMTP_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "smtp", "key": "pw"}}}],
+                "channels": {"ops-email": {"host": "${SMTP_HOST:-smtp.example.com}"}},
+            },
+            ["DINGTALK_SECRET", "DINGTALK_TOKEN"],
+            ["channels.oncall-dingtalk"],
+        ),
+        (  # references in the free-form config count
+            {**NO_SECRETS, "config": {"kafka": {"ssl_keyfile": "/etc/${KEY_DIR}/key.pem"}}},
+            ["KEY_DIR"],
+            ["config"],
+        ),
+        (  # the API token is read from existingSecret by key, even when envFrom supplies the rest
+            {"router": {"apiTokenKey": "API_TOKEN"}, "envFrom": [{"secretRef": {"name": "other"}}]},
+            ["API_TOKEN"],
+            ["router.apiTokenKey"],
+        ),
+        ({**NO_SECRETS, "router": {"apiTokenKey": "API_TOKEN"}}, ["API_TOKEN"], ["router.apiTokenKey"]),
+    ],
+    ids=["sasl", "env-and-defaults", "config", "api-token-with-envFrom", "api-token"],
+)
+def test_refusal_names_the_keys_the_config_needs(
+    chart: helm_python.Chart, values: dict[str, Any], keys: list[str], users: list[str]
+) -> None:
+    assert refusal(chart, values) == (keys, users)
+    # Naming the Secret is all it takes.
+    render(chart, merged(values, DEFAULTS))
+
+
+def test_config_without_secrets_renders_without_a_secret(chart: helm_python.Chart) -> None:
+    docs = render(chart, NO_SECRETS)
+    assert set(router_config(docs)["channels"]) == {"alerts-topic"}
+    assert "envFrom" not in container(docs) and "env" not in container(docs)
+    # envFrom sources are trusted to provide the variables: the chart cannot see their keys.
+    render(chart, {"envFrom": [{"secretRef": {"name": "my-env"}}]})
+
+
+def test_notes_list_the_keys_the_pods_read(chart: helm_python.Chart) -> None:
+    notes = chart.render(COMMON_ON, name=RELEASE, namespace=NAMESPACE)
+    (text,) = [t for path, t in notes.items() if path.endswith("NOTES.txt")]
+    assert "keys of Secret imm-router-secrets" in text
+    for key in ("API_TOKEN", "DINGTALK_TOKEN", "HOOK_SECRET", "HOOK_TOKEN", "KAFKA_PASSWORD", "KAFKA_USERNAME"):
+        assert key in text, key
+    assert "SMTP_PASSWORD" in text  # the env override of the password does not replace ${SMTP_PASSWORD}
+
+
+# --- the router's own topics and the HTTP API token -----------------------------------------
+
+TOPIC_VALUES = {
+    "notificationsTopic": "notifications_topic",
+    "notificationsPartitions": "notifications_partitions",
+    "changelogTopic": "changelog_topic",
+    "silencesTopic": "silences_topic",
+    "inhibitionsTopic": "inhibitions_topic",
+    "replicationFactor": "replication_factor",
+}
+
+
+def test_chart_topic_defaults_are_the_routers(chart: helm_python.Chart) -> None:
+    kafka = router_config(render(chart, DEFAULTS))["kafka"]
+    defaults = KafkaSettings()
+    for key in TOPIC_VALUES.values():
+        assert kafka[key] == getattr(defaults, key), key
+    assert kafka["dead_letter_topic"] == defaults.dead_letter_topic
+
+
+@pytest.mark.parametrize("variant", ["all-on-keda", "all-on-hpa"])
+def test_topic_values_reach_the_router_config(chart: helm_python.Chart, variant: str) -> None:
+    docs = render(chart, VARIANTS[variant])
+    kafka = router_config(docs)["kafka"]
+    for value, key in TOPIC_VALUES.items():
+        assert kafka[key] == COMMON_ON["kafka"][value], key
+    assert kafka["notifications_partitions"] == 24 and kafka["replication_factor"] == 3
+    notes = chart.render(VARIANTS[variant], name=RELEASE, namespace=NAMESPACE)
+    (text,) = [t for path, t in notes.items() if path.endswith("NOTES.txt")]
+    assert "imm-router-prod-notifications (24 partitions, delete), read by group imm-router-prod-notify" in text
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"kafka": {"topics": ["imm-events", "imm-router-notifications"]}}, "kafka.topics must not contain"),
+        ({"kafka": {"changelogTopic": "imm-router-notifications"}}, "must be five different topics"),
+        ({"kafka": {"silencesTopic": "imm-router-dlq"}}, "must be five different topics"),
+        (
+            {
+                "router": {"apiTokenKey": "API_TOKEN"},
+                "env": [{"name": "ROUTER_HTTP__API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "t"}}}],
+            },
+            "keep only router.apiTokenKey",
+        ),
+    ],
+)
+def test_topic_and_token_mistakes_fail_with_a_clear_message(
+    chart: helm_python.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_api_token_comes_only_from_the_secret(chart: helm_python.Chart) -> None:
+    docs = render(chart, merged(DEFAULTS, {"router": {"apiTokenKey": "API_TOKEN"}}))
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["ROUTER_HTTP__API_TOKEN"] == {
+        "name": "ROUTER_HTTP__API_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "imm-router-secrets", "key": "API_TOKEN"}},
+    }
+    assert "api_token" not in router_config(docs)["http"]
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            assert "api_token" not in yaml.safe_dump(doc.get("data") or {}), doc["metadata"]["name"]
+    # Without apiTokenKey nothing sets it: silence writes are refused.
+    assert "env" not in container(render(chart, DEFAULTS))
+    # Every other way in is refused by the schema.
+    for values, where in [
+        ({"config": {"http": {"api_token": "${API_TOKEN}"}}}, "api_token"),
+        ({"config": {"http": {"api_token": "s3cret"}}}, "api_token"),
+        ({"router": {"apiToken": "s3cret"}}, "apiToken"),
+        ({"env": [{"name": "ROUTER_HTTP__API_TOKEN", "value": "s3cret"}]}, "/env/0"),
+    ]:
+        with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+            chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_readme_topic_commands_match_what_the_router_creates() -> None:
+    readme = (CHART / "README.md").read_text().replace("\\\n", " ")
+    defaults = KafkaSettings()
+    documented: dict[str, tuple[int, bool]] = {}
+    for line in readme.splitlines():
+        match = re.match(r'create --topic (\S+) --partitions "?(\$PARTS|\d+)"? .*cleanup\.policy=(\w+)', line.strip())
+        if match:
+            partitions = defaults.notifications_partitions if match[2] == "$PARTS" else int(match[2])
+            documented[match[1]] = (partitions, match[3] == "compact")
+    assert "PARTS=12 " in readme and defaults.notifications_partitions == 12
+    expected = {name: (spec.partitions, spec.compact) for name, spec in router_topics(defaults).items()}
+    assert documented == expected
+    for name in expected:  # and each is in the table of settings
+        assert f"`{name}`" in readme, name
 
 
 # --- hardening ------------------------------------------------------------------------------
@@ -455,13 +675,14 @@ def test_grace_period_is_drain_deadline_plus_margin(chart: helm_python.Chart, va
 
 def test_config_change_rolls_pods_but_rules_and_templates_do_not(chart: helm_python.Chart) -> None:
     def checksum(values: dict[str, Any]) -> str:
-        annotations = one(render(chart, values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        docs = render(chart, merged(DEFAULTS, values))
+        annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
         value: str = annotations["checksum/config"]
         return value
 
     base = checksum({})
     assert re.fullmatch(r"[0-9a-f]{64}", base)
-    router_yaml = one(render(chart, {}), "ConfigMap", f"{FULLNAME}-config")["data"]["router.yaml"]
+    router_yaml = one(render(chart, DEFAULTS), "ConfigMap", f"{FULLNAME}-config")["data"]["router.yaml"]
     assert base == hashlib.sha256(router_yaml.rstrip("\n").encode()).hexdigest()
     assert checksum({"router": {"logLevel": "DEBUG"}}) != base
     assert checksum({"channels": {"extra": {"type": "kafka", "topic": "x"}}}) != base
@@ -525,6 +746,11 @@ def test_secrets_only_by_reference(chart: helm_python.Chart, variant: str) -> No
         ({"config": {"service": {"drain_timeout_seconds": 99}}}, "drain_timeout_seconds"),
         ({"channels": {"x": {"type": "slack"}}}, "type"),
         ({"rules": {"files": {"../escape.yaml": "rules: []"}}}, "../escape.yaml"),
+        ({"config": {"kafka": {"notifications_topic": "x"}}}, "notifications_topic"),  # the router's own topics
+        ({"config": {"kafka": {"replication_factor": 3}}}, "replication_factor"),
+        ({"kafka": {"notificationsPartitions": 0}}, "notificationsPartitions"),
+        ({"kafka": {"silencesTopic": "no spaces"}}, "silencesTopic"),
+        ({"kafka": {"changelogTopic": ""}}, "changelogTopic"),
     ],
 )
 def test_schema_rejects(chart: helm_python.Chart, values: dict[str, Any], where: str) -> None:
@@ -536,6 +762,7 @@ def test_schema_accepts_references(chart: helm_python.Chart) -> None:
     docs = render(
         chart,
         {
+            "existingSecret": "imm-router-secrets",
             "channels": {"alerts-topic": None, "k": {"type": "kafka", "topic": "t"}},
             "env": [{"name": "SMTP_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
             "config": {"kafka": {"client_id": "x"}, "max_event_bytes": 65536},
@@ -565,7 +792,7 @@ def bundled(kind: str) -> dict[str, str]:
 
 
 def test_bundled_files_are_mounted_byte_for_byte(chart: helm_python.Chart) -> None:
-    docs = render(chart, {})
+    docs = render(chart, DEFAULTS)
     assert bundled("rules") and bundled("templates")
     assert mounted_files(docs, "rules") == bundled("rules")
     assert mounted_files(docs, "templates") == bundled("templates")
@@ -576,7 +803,7 @@ def test_bundled_files_are_mounted_byte_for_byte(chart: helm_python.Chart) -> No
 
 
 def test_values_files_replace_or_extend_the_bundled_set(chart: helm_python.Chart) -> None:
-    only = render(chart, {"rules": {"files": EXTRA_RULES}, "templates": {"files": EXTRA_TEMPLATES}})
+    only = render(chart, merged(DEFAULTS, {"rules": {"files": EXTRA_RULES}, "templates": {"files": EXTRA_TEMPLATES}}))
     assert mounted_files(only, "rules") == EXTRA_RULES
     assert mounted_files(only, "templates") == EXTRA_TEMPLATES
     both = render(chart, VARIANTS["all-on-keda"])
@@ -589,6 +816,7 @@ def test_existing_configmaps_are_referenced_not_rendered(chart: helm_python.Char
     docs = render(
         chart,
         {
+            **DEFAULTS,
             "rules": {"existingConfigMap": "my-rules"},
             "templates": {"existingConfigMap": "my-templates", "existingConfigMapItems": items},
         },
@@ -649,7 +877,11 @@ def test_mounted_config_passes_router_check(chart: helm_python.Chart, variant: s
     if variant == "shipped-files":
         # The repo's shipped rules and templates through values files with the default channels: what
         # the bundled copy becomes after `make chart-files`, and what an ops engineer starts from.
-        values = {"rules": {"files": shipped("rules")}, "templates": {"files": shipped("templates")}}
+        values = {
+            **DEFAULTS,
+            "rules": {"files": shipped("rules")},
+            "templates": {"files": shipped("templates")},
+        }
         assert values["rules"]["files"] and values["templates"]["files"], "shipped rules/templates missing"
     else:
         values = VARIANTS[variant]
@@ -658,8 +890,10 @@ def test_mounted_config_passes_router_check(chart: helm_python.Chart, variant: s
         if doc["kind"] == "ConfigMap":
             assert len(yaml.safe_dump(doc.get("data") or {}).encode()) < 1_000_000, doc["metadata"]["name"]
     config_file = materialize(docs, tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
-    env.update(SECRET_ENV, PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_") and k not in SECRET_ENV}
+    if values.get("existingSecret"):  # else the config must start without any of them (no-secrets)
+        env.update(SECRET_ENV)
+    env.update(PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "router", "check", "--config", str(config_file)],
         cwd=ROOT,

@@ -119,6 +119,11 @@ class Bucket:
     flushing: bool = False
     timer: asyncio.TimerHandle | None = None
 
+    def over(self, now: float) -> bool:
+        """A group that has sent, has nothing waiting and outlived its group_interval: the next alert
+        starts it afresh (with group_wait)."""
+        return self.messages > 0 and not self.pending and not self.flushing and self.live_until <= now
+
     def state(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -180,6 +185,9 @@ class Manager:
         self.inhibitions = inhibitions or InhibitionLog()
         self.clock = clock
         self.partitions: dict[int, PartitionState] = {}
+        # Set once a partition's state is restored (or it is revoked): the consumer may hand records of a
+        # partition over while its changelog is still being read.
+        self._ready: dict[int, asyncio.Event] = {}
         self.channel_partition: dict[str, int] = {}
         self.flushes: set[asyncio.Task[None]] = set()
 
@@ -217,11 +225,15 @@ class Manager:
         state.buckets = {k: b for k, b in state.buckets.items() if b.live_until > now or b.messages == 0}
         state.resume_at = now + TAKEOVER_SETTLE_SECONDS if state.buckets else 0.0
         self.partitions[partition] = state
+        self._ready.setdefault(partition, asyncio.Event()).set()
         self._update_gauges()
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget the state of partitions given to another owner; their waiting alerts stay unsettled."""
         for partition in partitions:
+            ready = self._ready.pop(partition, None)
+            if ready is not None:
+                ready.set()  # waiting handoffs find no state and stay unsettled
             state = self.partitions.pop(partition, None)
             if state is None:
                 continue
@@ -245,6 +257,8 @@ class Manager:
 
     async def accept(self, partition: int, handoff: Handoff, settle: Callable[[], None]) -> None:
         """Take one handed-off notification. Returns once it is settled or waits in a group or throttle."""
+        ready = self._ready.setdefault(partition, asyncio.Event())
+        await ready.wait()
         state = self.partitions.get(partition)
         if state is None:
             return  # revoked meanwhile: the next owner reads it again
@@ -280,10 +294,12 @@ class Manager:
             values = self.engine.values(target.group_by, handoff.root)
             key = _bucket_key("g", n, values)
             bucket = state.buckets.get(key)
-            if bucket is None or (not bucket.pending and not bucket.flushing and bucket.live_until <= now):
+            if bucket is None or bucket.over(now):
                 bucket = self._open(state, key, "group", partition, n, target, target.group_by, values, now)
+                bucket.pending.append(held)
                 await self._persist(bucket)
-            bucket.pending.append(held)
+            else:
+                bucket.pending.append(held)
             self._schedule(bucket, state)
             return
         await self._send([held], n, partition)

@@ -102,6 +102,27 @@ def demo_records() -> list[tuple[str, bytes, list[tuple[str, bytes]]]]:
     return records
 
 
+STORM_SIZE = 300
+
+
+def storm_records() -> list[tuple[str, bytes, list[tuple[str, bytes]]]]:
+    """A storm: 300 MediaConvert tasks failing in two projects with two error codes. The shipped rules
+    group them by project, task type and error code: four DingTalk messages and four emails list them all."""
+    records: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
+    for i in range(STORM_SIZE):
+        payload = {
+            "TaskType": "MediaConvert",
+            "TaskId": f"storm-{i:03d}",
+            "RequestId": f"storm-req-{i:03d}",
+            "ProjectName": ("media-prod", "media-staging")[i % 2],
+            "Status": "Failed",
+            "Code": ("InvalidArgument", "ResourceNotFound")[i // 2 % 2],
+            "Message": "the source object cannot be read",
+        }
+        records.append((f"storm {i}", json.dumps(payload).encode(), []))
+    return records
+
+
 async def produce(bootstrap: str, records: list[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
@@ -130,20 +151,30 @@ async def run_demo(outbox: Path, *, exit_after: bool) -> int:
             engine = load(config)
             service = Service(engine, config)
             running = asyncio.create_task(service.run())
-            records = demo_records()
+            records = demo_records() + storm_records()
             expected = Counter[str]()
             for _label, value, headers in records:
                 with contextlib.suppress(DecodeError):
                     for n in engine.route(decode(value, headers)).notifications:
                         expected[n.channel] += 1
             await produce(broker.bootstrap_servers, records)
-            print(f"produced {len(records)} records to {EVENTS_TOPIC}; routing …")
+            print(
+                f"produced {len(records)} records to {EVENTS_TOPIC} ({STORM_SIZE} of them a storm of failures); "
+                "routing, grouped alerts wait for their group_wait (up to a minute) …"
+            )
             while not stop.is_set() and not running.done() and not _settled(service, len(records)):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.2)
             alerts = await read_topic({"bootstrap_servers": broker.bootstrap_servers}, ALERTS_TOPIC)
             dead = await read_topic({"bootstrap_servers": broker.bootstrap_servers}, DLQ_TOPIC)
             print_summary(outbox, smtp, dingtalk, alerts, dead, expected)
+            groups = sum(
+                service.metrics.group_messages.labels(channel)._value.get() for channel in engine.settings.channels
+            )
+            print(
+                f"\nthe storm of {STORM_SIZE} failed tasks was grouped: {groups:g} group messages in all "
+                "(rules/task-failures.yaml groups by project, task type and error code)"
+            )
             if not exit_after:
                 print(
                     "\nthe router keeps running: produce to topic imm-events on "
@@ -165,7 +196,7 @@ def print_summary(
     print("\nrouted:")
     print(
         f"  DingTalk robot  {len(dingtalk.messages):3} messages  → {outbox / 'dingtalk'}/ "
-        f"({expected['oncall-dingtalk']} alerts; over 20/min they arrive merged into digests)"
+        f"({expected['oncall-dingtalk']} alerts, most of them grouped)"
     )
     for message in dingtalk.messages[:40]:
         body = message.get("markdown") or message.get("text") or {}
