@@ -202,7 +202,7 @@ async def _silence(engine: Engine, action: Callable[[SilenceStore], Awaitable[in
             ) from None
         return await action(store)
     except KafkaError as exc:
-        raise RouterError(f"Kafka at {kafka.bootstrap_servers}: {type(exc).__name__}: {exc}") from None
+        raise RouterError(f"Kafka at {kafka.bootstrap_servers}: {exc}") from None  # str names the error type
     finally:
         await store.stop()
 
@@ -236,9 +236,11 @@ async def _silence_list(store: SilenceStore, timezone: str) -> int:
         return 0
 
     def when(moment: datetime) -> str:
-        ago = (moment - now).total_seconds()
-        relative = f"in {format_duration(ago)}" if ago > 0 else f"{format_duration(-ago)} ago"
-        return f"{moment.astimezone(zone):%Y-%m-%d %H:%M} ({relative})"
+        ahead = (moment - now).total_seconds()
+        # Seconds only matter for the last minutes: round to minutes past an hour, hours past a day.
+        unit = 3_600 if abs(ahead) >= 86_400 else 60 if abs(ahead) >= 3_600 else 1
+        span = format_duration(round(abs(ahead) / unit) * unit)
+        return f"{moment.astimezone(zone):%Y-%m-%d %H:%M} ({'in ' + span if ahead > 0 else span + ' ago'})"
 
     rows = [("ID", "STATE", "STARTS", "ENDS", "RULE", "CHANNEL", "MATCH", "AUTHOR", "COMMENT")]
     for s in silences:

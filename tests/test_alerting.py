@@ -137,9 +137,7 @@ async def test_a_group_collects_a_burst_into_one_message_per_group(tansu, unique
         assert service.metrics.group_messages.labels("robot")._value.get() == 2
 
 
-async def test_throttle_sends_the_first_alert_then_one_summary_of_the_held(
-    tansu, unique_topic, tmp_path: Path
-) -> None:
+async def test_throttle_sends_the_first_alert_then_one_summary_of_the_held(tansu, unique_topic, tmp_path: Path) -> None:
     topic = unique_topic("events")
     async with robot() as server:
         notify = {"throttle": {"key": ["imm.project"], "for": "3s"}}
@@ -213,9 +211,7 @@ async def test_mute_and_active_time_intervals(tansu, unique_topic, tmp_path: Pat
             assert (len(server.messages), muted) == ((1, 0) if sent else (0, 1)), notify
 
 
-async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(
-    tansu, unique_topic, tmp_path: Path
-) -> None:
+async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(tansu, unique_topic, tmp_path: Path) -> None:
     topic = unique_topic("events")
     async with robot() as server:
         notify = {"group_by": ["imm.project"], "group_wait": "4s", "group_interval": "1h"}
@@ -250,9 +246,7 @@ async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(
         ({"notify": {"group_template": "group/missing.j2", "group_by": ["imm.project"]}}, "group_template"),
     ],
 )
-def test_bad_alert_management_config_names_file_and_line(
-    tmp_path: Path, edit: dict[str, Any], expected: str
-) -> None:
+def test_bad_alert_management_config_names_file_and_line(tmp_path: Path, edit: dict[str, Any], expected: str) -> None:
     rules = write_rules(tmp_path, edit.get("notify", {}))
     config_file = tmp_path / "router.yaml"
     lines = [
@@ -294,7 +288,11 @@ async def storm(tansu: TansuBroker, unique_topic, tmp_path: Path, *, kill_one: b
                 await routers[0].wait()
             await produce(tansu.bootstrap_servers, topic, [(failed(t, p, c), []) for t, p, c in tasks[1000:]])
             ids = [t for t, _, _ in tasks]
-            await wait_until(lambda: len(ids_in(server, ids)) == len(ids), timeout=120, what="every task id")
+            await wait_until(
+                lambda: len(ids_in(server, ids)) == len(ids),
+                timeout=120,
+                what=lambda: f"every task id; missing {len(set(ids) - ids_in(server, ids))}",
+            )
         finally:
             for r in routers:
                 if r.returncode is None:

@@ -28,12 +28,15 @@ from router.service import Service
 from tests.conftest import EVENTS, ROOT
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Wait on a condition (checked as the loop turns), failing with ``what`` after ``timeout``."""
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    """Wait on a condition (checked as the loop turns), failing with ``what`` (or what it returns then)
+    after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.02)
 
 

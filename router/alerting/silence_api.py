@@ -87,7 +87,7 @@ class SilenceAPI:
         except (BadRequest, InvalidSilence) as exc:
             return _error(400, str(exc))
         except (KafkaError, TimeoutError) as exc:
-            return _error(503, f"the silence could not be written to Kafka: {type(exc).__name__}: {exc}")
+            return _error(503, f"the silence could not be written to Kafka: {exc or type(exc).__name__}")
         log.info("silence %s added through the API by %s: %s", silence.id, silence.author, silence.match)
         return web.json_response({"id": silence.id}, status=201)
 
@@ -104,7 +104,7 @@ class SilenceAPI:
         except UnknownSilence as exc:
             return _error(404, str(exc))
         except (KafkaError, TimeoutError) as exc:
-            return _error(503, f"the silence could not be written to Kafka: {type(exc).__name__}: {exc}")
+            return _error(503, f"the silence could not be written to Kafka: {exc or type(exc).__name__}")
         log.info("silence %s expired through the API", silence.id)
         return web.json_response(silence.doc(datetime.now(UTC)))
 

@@ -306,9 +306,12 @@ class SilenceStore(TopicFollower):
 
     async def wait_applied(self, silence_id: str, predicate: Callable[[Silence | None], bool], timeout: float) -> bool:
         """Wait until ``predicate(silences.get(silence_id))`` holds; False if it does not within ``timeout``."""
+        return await self._wait(lambda: predicate(self.silences.get(silence_id)), timeout)
+
+    async def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while not predicate(self.silences.get(silence_id)):
+                while not condition():
                     await self._changed.wait()
                 return True
         return False
@@ -349,9 +352,11 @@ class SilenceStore(TopicFollower):
     async def _write(self, silence: Silence) -> None:
         if self._producer is None:
             raise RuntimeError("SilenceStore.start() must be awaited before writing")
-        await self._producer.send_and_wait(self.topic, key=silence.id.encode(), value=silence.to_json())
-        # Read your own writes: callers list or answer right after. The write is durable either way.
-        if not await self.wait_applied(silence.id, lambda s: s == silence, self.visible_timeout):
+        written = await self._producer.send_and_wait(self.topic, key=silence.id.encode(), value=silence.to_json())
+        # Read your own writes: callers list or answer right after. By offset, not by content, so that a
+        # concurrent write to the same id (from another replica) cannot keep us waiting.
+        applied = await self._wait(lambda: self.applied(written.partition, written.offset), self.visible_timeout)
+        if not applied:  # the write is durable all the same
             log.warning(
                 "silence %s is written to %s but not read back within %.0fs",
                 silence.id,

@@ -89,6 +89,10 @@ class TopicFollower:
         if self._task is None:
             self._task = asyncio.create_task(self._follow(), name=f"follow {self.topic}")
 
+    def applied(self, partition: int, offset: int) -> bool:
+        """Whether the record at ``offset`` of ``partition`` has been given to ``on_record``."""
+        return self._positions.get(TopicPartition(self.topic, partition), 0) > offset
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:

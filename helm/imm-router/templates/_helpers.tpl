@@ -75,6 +75,90 @@ templates volumes are siblings of it, never mounted inside another ConfigMap vol
 {{- if and (hasPrefix "SASL_" .Values.kafka.securityProtocol) (not .Values.kafka.sasl.enabled) }}
 {{- fail "kafka.securityProtocol SASL_* requires kafka.sasl.enabled=true (credentials come from existingSecret)." }}
 {{- end }}
+{{- $k := .Values.kafka }}
+{{- $internal := list $k.notificationsTopic $k.changelogTopic $k.silencesTopic $k.inhibitionsTopic }}
+{{- if $k.deadLetterTopic }}
+{{- $internal = append $internal $k.deadLetterTopic }}
+{{- end }}
+{{- if ne (len $internal) (len (uniq $internal)) }}
+{{- fail (printf "kafka.notificationsTopic, changelogTopic, silencesTopic, inhibitionsTopic and deadLetterTopic must be five different topics (got %s)." (join ", " $internal)) }}
+{{- end }}
+{{- range $internal }}
+{{- if has . $k.topics }}
+{{- fail (printf "kafka.topics must not contain %s: it is one of the router's own topics." .) }}
+{{- end }}
+{{- end }}
+{{- if .Values.router.apiTokenKey }}
+{{- range .Values.env }}
+{{- if eq .name "ROUTER_HTTP__API_TOKEN" }}
+{{- fail "env ROUTER_HTTP__API_TOKEN and router.apiTokenKey both set the HTTP API token: keep only router.apiTokenKey." }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- include "imm-router.requireSecret" . }}
+{{- end }}
+
+{{/*
+What the pods must get from existingSecret, as JSON {"keys": [...], "users": [...]}: the environment
+variables the rendered config reads as ${VAR} (no :-default) that `env` does not set, plus
+router.apiTokenKey; `users` says which values need them.
+*/}}
+{{- define "imm-router.secretNeeds" -}}
+{{- $pattern := "\\$\\{[A-Za-z_][A-Za-z0-9_]*\\}" }}
+{{- $given := list }}
+{{- range .Values.env }}
+{{- $given = append $given .name }}
+{{- end }}
+{{- $keys := list }}
+{{- range regexFindAll $pattern (include "imm-router.config" .) -1 }}
+{{- $name := trimPrefix "${" . | trimSuffix "}" }}
+{{- if not (has $name $given) }}
+{{- $keys = append $keys $name }}
+{{- end }}
+{{- end }}
+{{- $users := list }}
+{{- range $channel, $spec := .Values.channels | default dict }}
+{{- range regexFindAll $pattern (toJson $spec) -1 }}
+{{- if has (trimPrefix "${" . | trimSuffix "}") $keys }}
+{{- $users = append $users (printf "channels.%s" $channel) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.kafka.sasl.enabled }}
+{{- if or (has .Values.kafka.sasl.usernameEnv $keys) (has .Values.kafka.sasl.passwordEnv $keys) }}
+{{- $users = append $users "kafka.sasl" }}
+{{- end }}
+{{- end }}
+{{- range regexFindAll $pattern (toJson (.Values.config | default dict)) -1 }}
+{{- if has (trimPrefix "${" . | trimSuffix "}") $keys }}
+{{- $users = append $users "config" }}
+{{- end }}
+{{- end }}
+{{- with .Values.router.apiTokenKey }}
+{{- $keys = append $keys . }}
+{{- $users = append $users "router.apiTokenKey" }}
+{{- end }}
+{{- toJson (dict "keys" ($keys | uniq | sortAlpha) "users" ($users | uniq)) }}
+{{- end }}
+
+{{/*
+Refuse to render pods that would crash at start: the config reads ${VAR}s (or router.apiTokenKey is
+set) and nothing provides them. With `envFrom` set the chart cannot see which keys it provides and
+trusts it, except for the API token, which is read from existingSecret by key.
+*/}}
+{{- define "imm-router.requireSecret" -}}
+{{- if not .Values.existingSecret }}
+{{- $needs := include "imm-router.secretNeeds" . | fromJson }}
+{{- $missing := $needs.keys }}
+{{- $users := $needs.users }}
+{{- if .Values.envFrom }}
+{{- $missing = compact (list .Values.router.apiTokenKey) }}
+{{- $users = list "router.apiTokenKey" }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "existingSecret is not set: create a Secret holding the keys %s (needed by %s) and set existingSecret to its name; without them the pods cannot start." (join ", " $missing) (join ", " $users)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The kafka: section of router.yaml. */}}
@@ -84,6 +168,12 @@ templates volumes are siblings of it, never mounted inside another ConfigMap vol
 {{- if $k.deadLetterTopic }}
 {{- $_ := set $out "dead_letter_topic" $k.deadLetterTopic }}
 {{- end }}
+{{- $_ := set $out "notifications_topic" $k.notificationsTopic }}
+{{- $_ := set $out "notifications_partitions" (int $k.notificationsPartitions) }}
+{{- $_ := set $out "changelog_topic" $k.changelogTopic }}
+{{- $_ := set $out "silences_topic" $k.silencesTopic }}
+{{- $_ := set $out "inhibitions_topic" $k.inhibitionsTopic }}
+{{- $_ := set $out "replication_factor" (int $k.replicationFactor) }}
 {{- if $k.sasl.enabled }}
 {{- $_ := set $out "sasl_mechanism" $k.sasl.mechanism }}
 {{- $_ := set $out "sasl_username" (printf "${%s}" $k.sasl.usernameEnv) }}
