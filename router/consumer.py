@@ -76,6 +76,7 @@ class ConsumerStage:
         *,
         on_assigned: AssignHook | None = None,
         on_revoked: RevokeHook | None = None,
+        on_paused: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.consumer = consumer
@@ -84,6 +85,7 @@ class ConsumerStage:
         self.handler = handler
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        self.on_paused = on_paused  # told when ``paused`` changes
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.peak_in_flight = 0
@@ -173,7 +175,9 @@ class ConsumerStage:
             self.consumer.pause(*(full - paused))
         if paused - full:
             self.consumer.resume(*(paused - full))
-        self.paused = bool(full)
+        if self.paused != bool(full):
+            self.paused = bool(full)
+            self.on_paused()
 
     async def _maybe_commit(self) -> None:
         due = time.monotonic() - self._last_commit >= self.bounds.commit_interval_seconds

@@ -280,6 +280,7 @@ class Service:
             handler,
             on_assigned=self._assigned if notify else None,
             on_revoked=self._revoked if notify else None,
+            on_paused=lambda: self.metrics.paused.set(int(any(s.paused for s in self._stages()))),
         )
         consumer.subscribe(topics, listener=stage.listener())
         started.append(consumer)

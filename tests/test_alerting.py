@@ -272,7 +272,7 @@ async def storm(tansu: TansuBroker, unique_topic, tmp_path: Path, *, kill_one: b
     topic = unique_topic("storm")
     async with robot() as server:  # enforces 20 messages a minute; beyond that 130101 for ten minutes
         notify = {"group_by": ["imm.project", "imm.error_code"], "group_wait": "2s", "group_interval": "20s"}
-        path = router_config(tmp_path, tansu, topic, server, notify)
+        path = router_config(tmp_path, tansu, topic, server, notify, log_level="DEBUG")
         tasks = [(f"s-{i}", f"proj-{i % 3}", ("InvalidArgument", "ResourceNotFound")[i % 2]) for i in range(2000)]
         routers = [await start_router(path, tmp_path / f"r{n}.log") for n in range(2)]
         try:
@@ -291,7 +291,7 @@ async def storm(tansu: TansuBroker, unique_topic, tmp_path: Path, *, kill_one: b
             await wait_until(
                 lambda: len(ids_in(server, ids)) == len(ids),
                 timeout=120,
-                what=lambda: f"every task id; missing {len(set(ids) - ids_in(server, ids))}",
+                what=lambda: f"every task id; missing {sorted(set(ids) - ids_in(server, ids))[:20]}",
             )
         finally:
             for r in routers:

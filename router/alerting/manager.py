@@ -223,6 +223,12 @@ class Manager:
             self.delivery.restore_limiter(channel, times)
         now = self.clock()
         state.buckets = {k: b for k, b in state.buckets.items() if b.live_until > now or b.messages == 0}
+        log.debug(
+            "partition %d restored: %d duplicates remembered, groups %s",
+            partition,
+            len(state.dedup),
+            {k: (b.messages, round(b.live_until - now, 1)) for k, b in state.buckets.items()},
+        )
         state.resume_at = now + TAKEOVER_SETTLE_SECONDS if state.buckets else 0.0
         self.partitions[partition] = state
         self._ready.setdefault(partition, asyncio.Event()).set()
@@ -398,6 +404,7 @@ class Manager:
                     item.settle()
                 else:
                     sending.append(item)
+            log.debug("flushing %s: %d alerts (%d suppressed)", bucket.key, len(sending), len(held) - len(sending))
             if sending:
                 await self._send_group(bucket, sending)
             if self.partitions.get(bucket.partition) is not state:
