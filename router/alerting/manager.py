@@ -120,9 +120,10 @@ class Bucket:
     timer: asyncio.TimerHandle | None = None
 
     def over(self, now: float) -> bool:
-        """A group that has sent, has nothing waiting and outlived its group_interval: the next alert
-        starts it afresh (with group_wait)."""
-        return self.messages > 0 and not self.pending and not self.flushing and self.live_until <= now
+        """Nothing waits and its time is up: a throttle window ended, or a group outlived its
+        group_interval after sending (the next alert starts it afresh, with group_wait)."""
+        idle = not self.pending and not self.flushing and self.live_until <= now
+        return idle and (self.kind == "throttle" or self.messages > 0)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -364,16 +365,18 @@ class Manager:
     def _fire(self, bucket: Bucket) -> None:
         bucket.timer = None
         state = self.partitions.get(bucket.partition)
-        if state is None or state.buckets.get(bucket.key) is not bucket:
-            return
+        if state is None or state.buckets.get(bucket.key) is not bucket or bucket.flushing:
+            return  # gone, or a flush is running (it schedules what comes next when it ends)
         if not bucket.pending:
-            if bucket.live_until <= self.clock():
+            if bucket.over(self.clock()):
                 del state.buckets[bucket.key]
                 self._update_gauges()
                 self._spawn(self.changelog.put(bucket.partition, f"b|{bucket.key}", None), bucket.partition)
-            else:
+            elif bucket.live_until > self.clock():
                 self._schedule(bucket, state)
             return
+        # Marked here, not when the task starts: alerts arriving meanwhile must not schedule another flush.
+        bucket.flushing = True
         self._spawn(self._flush(bucket, state), bucket.partition)
 
     def _spawn(self, work: Awaitable[None], partition: int) -> None:
@@ -391,7 +394,6 @@ class Manager:
         task.add_done_callback(self.flushes.discard)
 
     async def _flush(self, bucket: Bucket, state: PartitionState) -> None:
-        bucket.flushing = True
         try:
             held, bucket.pending = bucket.pending, []
             now = self.clock()
