@@ -224,7 +224,9 @@ class Service:
         """Silences and inhibiting sources: every replica reads both topics from the start and follows them."""
         kafka = self.engine.settings.kafka
         assert self.producer is not None and self.delivery is not None
-        self.silences = SilenceStore(options, kafka.silences_topic, producer=self.producer)
+        self.silences = SilenceStore(
+            options, kafka.silences_topic, producer=self.producer, replication_factor=kafka.replication_factor
+        )
         inhibitions = TopicFollower(
             options,
             kafka.inhibitions_topic,
@@ -233,6 +235,12 @@ class Service:
         self._followers = [self.silences, inhibitions]
         for follower in self._followers:
             await follower.start()
+        # No alert goes out before the silences and inhibiting sources already written are read (bounded: a
+        # broker that answers but cannot serve them must not keep every alert back).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(f.caught_up.wait() for f in self._followers)), 10)
+        silences = self.silences.silences
+        self.metrics.silences_active.set_function(lambda: silences.active_count(datetime.now(UTC)))
         self.manager = Manager(
             self.engine,
             self.delivery,

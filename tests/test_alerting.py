@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from router.embedded.broker import TansuBroker
@@ -22,6 +23,7 @@ from router.errors import ConfigError
 from router.service import Service
 from tests.conftest import ROOT
 from tests.test_service import config, produce, running, start_router, wait_until
+from tests.test_silences import cli
 
 WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 
@@ -317,3 +319,95 @@ async def test_storm_with_one_router_killed_mid_storm(tansu, unique_topic, tmp_p
 
 def now_plus(seconds: float) -> str:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def metric(session: aiohttp.ClientSession, port: int, name: str) -> float:
+    """The sum of a metric's samples on a router's /metrics."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+        text = await answer.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_a_silence_added_with_the_cli_applies_on_every_router_process_within_5s(
+    tansu, unique_topic, tmp_path: Path
+) -> None:
+    from router.embedded import free_port
+
+    topic = unique_topic("events")
+    async with robot() as server:
+        path = router_config(tmp_path, tansu, topic, server, {})
+        ports = [free_port(), free_port()]
+        configs = []
+        for n, port in enumerate(ports):
+            doc = json.loads(path.read_text())
+            doc["http"] = {"enabled": True, "host": "127.0.0.1", "port": port}
+            configs.append(tmp_path / f"router-{n}.yaml")
+            configs[-1].write_text(json.dumps(doc))
+        routers = [await start_router(c, tmp_path / f"r{n}.log") for n, c in enumerate(configs)]
+        try:
+            async with aiohttp.ClientSession() as session:
+
+                async def on_all(name: str, value: float) -> bool:
+                    try:
+                        return all([await metric(session, p, name) == value for p in ports])
+                    except aiohttp.ClientError:
+                        return False
+
+                # 4 partitions in the test config: each router owns some once both have joined.
+                await wait_until_async(lambda: on_all("imm_router_owned_partitions", 2), 60, "both routers owning")
+                await produce(tansu.bootstrap_servers, topic, [(failed("before", "staging"), [])])
+                await server.wait_for(1, timeout=20)
+
+                started = asyncio.get_running_loop().time()
+                code, silence_id, err = await cli(
+                    path, "add", "--match", "imm.project == 'staging'", "--for", "1h",
+                    "--comment", "staging is noisy", "--author", "oncall",
+                )  # fmt: skip
+                assert code == 0, err
+                added = asyncio.get_running_loop().time()
+                await wait_until_async(lambda: on_all("imm_router_silences_active", 1), 5, "the silence everywhere")
+                now = asyncio.get_running_loop().time()
+                print(
+                    f"silence applied on both routers {now - added:.2f}s after the CLI returned, "
+                    f"{now - started:.2f}s after it was started"
+                )
+                await produce(
+                    tansu.bootstrap_servers, topic, [(failed("silenced", "staging"), []), (failed("prod", "prod"), [])]
+                )
+                await server.wait_for(2, timeout=20)
+                await wait_until_async(
+                    lambda: sum_on(
+                        session, ports, 'imm_router_notifications_suppressed_total{channel="robot",reason="silenced"}'
+                    ),
+                    20,
+                    "the staging alert silenced",
+                )
+
+                code, _, err = await cli(path, "expire", silence_id.strip())
+                assert code == 0, err
+                await wait_until_async(
+                    lambda: on_all("imm_router_silences_active", 0), 5, "the silence expired everywhere"
+                )
+                await produce(tansu.bootstrap_servers, topic, [(failed("after", "staging"), [])])
+                await server.wait_for(3, timeout=20)
+        finally:
+            for r in routers:
+                r.send_signal(signal.SIGTERM)
+            for r in routers:
+                await asyncio.wait_for(r.wait(), 30)
+    assert ids_in(server, ["before", "silenced", "prod", "after"]) == {"before", "prod", "after"}
+
+
+async def sum_on(session: aiohttp.ClientSession, ports: list[int], name: str) -> bool:
+    try:
+        return sum([await metric(session, p, name) for p in ports]) >= 1
+    except aiohttp.ClientError:
+        return False
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
