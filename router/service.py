@@ -601,8 +601,8 @@ def install_signals(service: Service, on_reload: Callable[[], object] | None = N
 async def read_topic(options: dict[str, Any], topic: str) -> list[Any]:
     """Every record of ``topic`` up to its current end (no consumer group, nothing committed)."""
     consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **options)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not tps:
             return []

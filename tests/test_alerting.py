@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -411,3 +412,36 @@ async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float,
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def test_route_explain_says_what_would_be_silenced_inhibited_muted_and_grouped(
+    tansu, unique_topic, tmp_path: Path
+) -> None:
+    topic = unique_topic("events")
+    today = WEEKDAYS[datetime.now(UTC).weekday()]
+    inhibit = [{"source_rules": ["moderation-block"], "target_rules": ["task-failed"], "equal": ["imm.project"]}]
+    async with robot() as server:
+        notify = {"group_by": ["imm.project"], "group_wait": "30s", "mute_time_intervals": ["never"]}
+        intervals = [{"name": "never", "time_intervals": [{"weekdays": [today], "years": ["1999"]}]}]
+        path = router_config(
+            tmp_path, tansu, topic, server, notify, block_rule=True, inhibit_rules=inhibit, time_intervals=intervals
+        )
+        code, _, err = await cli(
+            path, "add", "--match", "imm.project == 'quiet'", "--for", "1h", "--comment", "c", "--author", "a"
+        )
+        assert code == 0, err
+    events = tmp_path / "events.jsonl"
+    lines = [failed("t-quiet", "quiet"), failed("t-loud", "loud"), blocked("b-1", "blocked"), failed("t-2", "blocked")]
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "route", "--explain", "--config", str(path), str(events),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    blocks = text.split("event ")[1:]
+    assert "silenced: silence" in blocks[0] and "imm.project == 'quiet'" in blocks[0]
+    assert "grouped by imm.project='loud'" in blocks[1]
+    assert "matched moderation-block" in blocks[2] and "sent at once" in blocks[2]
+    assert "inhibited: inhibited by rule moderation-block (imm.project='blocked')" in blocks[3]

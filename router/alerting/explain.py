@@ -6,6 +6,7 @@ grouped — and why."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -85,6 +86,7 @@ async def _shared_state(engine: Engine) -> tuple[SilenceSet, InhibitionLog, str]
 
     kafka = engine.settings.kafka
     silences, inhibitions = SilenceSet(), InhibitionLog()
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # the note below says it once
     try:
         options = kafka.client_options()
         for record in await asyncio.wait_for(read_topic(options, kafka.silences_topic), 10):
