@@ -31,7 +31,7 @@ from router.channels import make_channel
 from router.config import KafkaSettings
 from router.consumer import Bounds, ConsumerStage, Handler
 from router.decode import decode, iter_events
-from router.delivery.pipeline import Delivery, DeliveryFailed
+from router.delivery.pipeline import Delivery
 from router.engine import Engine, RouteResult, load
 from router.errors import ConfigError, DecodeError
 from router.metrics import Metrics
@@ -619,8 +619,9 @@ async def read_topic(options: dict[str, Any], topic: str) -> list[Any]:
 
 
 async def replay(config_path: Path, *, source: Path | None, match: str | None, dry_run: bool, limit: int | None) -> int:
-    """Route dead-lettered records (or the events of a file) again. A record dead-lettered for one
-    rule and channel is re-delivered to that pair only; ``--dry-run`` prints instead of delivering."""
+    """Route dead-lettered records (or the events of a file) again. A record dead-lettered for one rule and
+    channel is sent to that pair only. The notifications are handed to their channels' owners (the running
+    routers), so rate limits, groups and silences apply to them as to any; ``--dry-run`` prints instead."""
     engine = load(config_path)
     kafka = engine.settings.kafka
     inputs: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
@@ -631,14 +632,11 @@ async def replay(config_path: Path, *, source: Path | None, match: str | None, d
             inputs.append(
                 (f"{record.topic}/{record.partition}@{record.offset}", record.value, list(record.headers or ()))
             )
-    channels = (
-        {}
-        if dry_run
-        else {name: make_channel(name, c, kafka_defaults=kafka) for name, c in engine.settings.channels.items()}
-    )
-    delivery = None if dry_run else Delivery(engine, channels, Metrics())
+    producer = None if dry_run else AIOKafkaProducer(acks="all", **kafka.client_options())
     failed = replayed = 0
     try:
+        if producer is not None:
+            await producer.start()
         for name, value, headers in inputs:
             facts = {k[len(DLQ_PREFIX) :]: v.decode(errors="replace") for k, v in headers if k.startswith(DLQ_PREFIX)}
             if match and match not in facts.get("reason", "") and match.encode() not in (value or b""):
@@ -652,32 +650,33 @@ async def replay(config_path: Path, *, source: Path | None, match: str | None, d
                 if not headers
                 else iter([_decoded(value, original, engine, name)])
             )
+            source_record = SourceRecord(
+                facts.get("topic", name), int(facts.get("partition", 0)), int(facts.get("offset", 0)), None, value,
+                tuple(original),
+            )  # fmt: skip
             for event in events:
                 if isinstance(event, DecodeError):
                     failed += 1
                     print(f"error: {event}", file=sys.stderr)
                     continue
+                result = engine.route(event)
                 notifications = [
                     n
-                    for n in engine.route(event).notifications
+                    for n in result.notifications
                     if facts.get("rule") in (None, n.rule) and facts.get("channel") in (None, n.channel)
                 ]
                 for notification in notifications:
-                    if delivery is None:
+                    if producer is None:
                         print(orjson.dumps(notification.route_line()).decode())
                         continue
-                    try:
-                        outcome = await delivery.deliver(notification)
-                        print(f"{outcome}: {name} {notification.rule} → {notification.channel}")
-                    except DeliveryFailed as exc:
-                        failed += 1
-                        print(
-                            f"failed: {name} {notification.rule} → {notification.channel}: {exc.reason}",
-                            file=sys.stderr,
-                        )
+                    handoff = Handoff(notification, result.root, time.time(), source_record)
+                    await _produce(
+                        producer, kafka.notifications_topic, key=notification.channel.encode(), value=handoff.encode()
+                    )
+                    print(f"handed off: {name} {notification.rule} → {notification.channel}")
     finally:
-        if delivery is not None:
-            await delivery.close(engine.settings.service.drain_timeout_seconds)
+        if producer is not None:
+            await _quietly(producer.stop())
     print(f"replayed {replayed} record(s), {failed} failure(s)", file=sys.stderr)
     return 1 if failed else 0
 

@@ -474,3 +474,29 @@ def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> N
     tracker.settle(14)
     tracker.settle(13)
     assert tracker.next_commit == 15 and tracker.in_flight == 0
+
+
+async def test_replay_hands_a_dead_lettered_alert_to_the_running_router(
+    tansu: TansuBroker, unique_topic, tmp_path: Path, webhook: WebhookCapture
+) -> None:
+    topic = unique_topic("events")
+    webhook.set_statuses([400])  # the first attempt is refused for good: dead-lettered
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
+        channels={"hook": {"type": "webhook", "url": webhook.url + "/alerts"}},
+    )
+    async with running(path):
+        await produce(tansu.bootstrap_servers, topic, [(failed_task("t-replay"), [])])
+        await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "replay", "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert "handed off:" in out.decode() and "any-failure → hook" in out.decode()
+        delivered = await webhook.wait_for(2, timeout=20)  # the refused attempt, then the replayed one
+    assert delivered[-1].json()["imm"]["task_id"] == "t-replay"
