@@ -161,6 +161,17 @@ def kafka_router(tmp_path: Path, bootstrap: str, topic: str, alerts: str) -> Pat
     )
 
 
+def webhook_router(tmp_path: Path, bootstrap: str, topic: str, webhook: WebhookCapture) -> Path:
+    """A router config whose one rule sends every failure to ``webhook``."""
+    return config(
+        tmp_path,
+        bootstrap,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
+        channels={"hook": {"type": "webhook", "url": webhook.url + "/alerts"}},
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(path: Path) -> AsyncIterator[Service]:
     service = Service(load(path), path)
@@ -308,13 +319,7 @@ async def test_exhausted_delivery_is_dead_lettered_with_rule_and_channel(
 ) -> None:
     topic = unique_topic("events")
     webhook.set_statuses([400])
-    path = config(
-        tmp_path,
-        tansu.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
-        channels={"hook": {"type": "webhook", "url": webhook.url + "/alerts"}},
-    )
+    path = webhook_router(tmp_path, tansu.bootstrap_servers, topic, webhook)
     async with running(path):
         await produce(tansu.bootstrap_servers, topic, [(failed_task("t-400"), [("k", b"v")])])
         dead = await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
@@ -481,13 +486,7 @@ async def test_replay_hands_a_dead_lettered_alert_to_the_running_router(
 ) -> None:
     topic = unique_topic("events")
     webhook.set_statuses([400])  # the first attempt is refused for good: dead-lettered
-    path = config(
-        tmp_path,
-        tansu.bootstrap_servers,
-        topic,
-        rules_dir=kafka_only_rules(tmp_path, "webhook/alert.json.j2", "hook"),
-        channels={"hook": {"type": "webhook", "url": webhook.url + "/alerts"}},
-    )
+    path = webhook_router(tmp_path, tansu.bootstrap_servers, topic, webhook)
     async with running(path):
         await produce(tansu.bootstrap_servers, topic, [(failed_task("t-replay"), [])])
         await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)

@@ -72,12 +72,9 @@ class SilenceAPI:
         return web.json_response([s.doc(now) for s in store.silences.listing(now)])
 
     async def add_silence(self, request: web.Request) -> web.Response:
-        refused = self.refused(request)
-        if refused is not None:
-            return refused
-        store = self.store()
-        if store is None:
-            return _unavailable()
+        store = self.writable(request)
+        if isinstance(store, web.Response):
+            return store
         try:
             fields = parse_body(await request.read())
             if self._names is not None:
@@ -92,12 +89,9 @@ class SilenceAPI:
         return web.json_response({"id": silence.id}, status=201)
 
     async def expire_silence(self, request: web.Request) -> web.Response:
-        refused = self.refused(request)
-        if refused is not None:
-            return refused
-        store = self.store()
-        if store is None:
-            return _unavailable()
+        store = self.writable(request)
+        if isinstance(store, web.Response):
+            return store
         silence_id = request.match_info["id"]
         try:
             silence = await store.expire(silence_id)
@@ -112,6 +106,14 @@ class SilenceAPI:
 
     def store(self) -> SilenceStore | None:
         return self._store() if callable(self._store) else self._store
+
+    def writable(self, request: web.Request) -> SilenceStore | web.Response:
+        """The store a write may go to, or the answer refusing the write (403/401, or 503 before Kafka)."""
+        refused = self.refused(request)
+        if refused is not None:
+            return refused
+        store = self.store()
+        return _unavailable() if store is None else store
 
     def refused(self, request: web.Request) -> web.Response | None:
         """403 when no token is configured, 401 when the request's bearer token is missing or wrong."""
