@@ -2,9 +2,10 @@
 delivering to Kafka channels, beside a raw baseline in the same run (aiokafka getmany + JSON decode, no
 routing), reported as a ratio.
 
-Phase 1 (throughput): N events (the seed mix, unique ids) are produced up front; each side consumes
-all of them from its own topic copy. Phase 2 (latency): events are produced at half the measured
-router rate; latency is the source record's timestamp → the notification record's timestamp.
+Phase 1 (throughput): the baseline consumes N events (the seed mix, unique ids) produced up front; the
+router, warmed up (its consumer groups joined), gets the same N produced as fast as the producer goes,
+and is timed until every notification is delivered. Phase 2 (latency): events are produced at half the
+measured router rate; latency is the source record's timestamp → the notification record's timestamp.
 
 Run: python bench/e2e_bench.py [--events N]
 """
@@ -118,6 +119,10 @@ def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
                     "topics": [topic],
                     "group_id": f"{topic}-router",
                     "dead_letter_topic": f"{topic}-dlq",
+                    "notifications_topic": f"{topic}-notifications",
+                    "changelog_topic": f"{topic}-changelog",
+                    "silences_topic": f"{topic}-silences",
+                    "inhibitions_topic": f"{topic}-inhibitions",
                     "session_timeout_ms": 1000,
                     "heartbeat_interval_ms": 200,
                 },
@@ -135,21 +140,19 @@ async def run_router(bootstrap: str, topic: str, n: int, rate: float | None) -> 
         service = Service(load(path), path)
         task = asyncio.create_task(service.run())
         values = seed_values(n + 1)
-        if rate is None:
-            await produce(bootstrap, topic, values[1:])
-        else:
-            # Warm up: the topic exists and the router owns its partitions before the clock starts.
-            await produce(bootstrap, topic, values[:1])
-            while service.committed < 1:
-                await asyncio.sleep(0.01)
-        done = 0 if rate is None else 1
+        # Warm up: the topics exist and the router owns its partitions (both consumer groups joined, state
+        # read) before the clock starts; then the backlog arrives all at once (rate None) or at ``rate``.
+        await produce(bootstrap, topic, values[:1])
+        while service.committed < 1 or not service.idle:
+            await asyncio.sleep(0.01)
+        done = 1
         start = time.perf_counter()
-        producing = asyncio.create_task(produce(bootstrap, topic, values[1:], rate)) if rate else None
-        while service.committed < n + done:
+        producing = asyncio.create_task(produce(bootstrap, topic, values[1:], rate))
+        # Done when every record is routed and every notification it made is delivered.
+        while service.committed < n + done or not service.idle:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
-        if producing:
-            await producing
+        await producing
         service.stop()
         await task
     latencies: list[float] = []

@@ -78,8 +78,11 @@ class Changelog:
         if not tps:
             return entries
         reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
+        starts = await reader.beginning_offsets(tps)
         ends = await reader.end_offsets(tps)
+        tps = [tp for tp in tps if ends[tp] > starts[tp]]  # most partitions of a new router are empty
+        for tp in tps:
+            reader.seek(tp, starts[tp])
         while True:
             behind = [tp for tp in tps if await reader.position(tp) < ends[tp]]
             if not behind:
@@ -172,7 +175,9 @@ class Service:
         backoff = 1.0
         while not self.stopping.is_set():
             options = kafka.client_options()
-            producer = AIOKafkaProducer(acks="all", linger_ms=2, **options)
+            # Handoffs carry the event and its rendered notification (a few KB): aiokafka's 16 KB default
+            # batch would hold three of them and cap the whole router at a few hundred a second.
+            producer = AIOKafkaProducer(acks="all", linger_ms=2, max_batch_size=1_048_576, **options)
             started: list[Any] = [producer]
             try:
                 await producer.start()
@@ -184,16 +189,19 @@ class Service:
                 started.append(reader)
                 await reader.start()
                 self._reader = reader
-                self.routing = await self._start_stage(
-                    "route", list(kafka.topics), kafka.group_id, self._route_record, options, started
-                )
-                self.notify = await self._start_stage(
-                    "notify",
-                    [kafka.notifications_topic],
-                    f"{kafka.group_id}-notify",
-                    self._notify_record,
-                    options,
-                    started,
+                # Both groups join at once: each join takes a while (session timeout / 2 on some brokers).
+                self.routing, self.notify = await asyncio.gather(
+                    self._start_stage(
+                        "route", list(kafka.topics), kafka.group_id, self._route_record, options, started
+                    ),
+                    self._start_stage(
+                        "notify",
+                        [kafka.notifications_topic],
+                        f"{kafka.group_id}-notify",
+                        self._notify_record,
+                        options,
+                        started,
+                    ),
                 )
             except KafkaError as exc:
                 for client in reversed(started):
