@@ -18,6 +18,9 @@ from router.channels.base import Frozen
 
 log = logging.getLogger(__name__)
 
+MAX_SOURCES = 100_000
+MAX_FOR_SECONDS = 86_400.0  # an inhibit rule's `for` is at most a day, so older sources can be forgotten
+
 # The values of a tuple of key expressions on the alert being judged.
 ValuesOf = Callable[[tuple[str, ...]], tuple[Any, ...]]
 
@@ -26,7 +29,9 @@ class InhibitRule(Frozen):
     source_rules: tuple[str, ...] = Field(min_length=1)
     target_rules: tuple[str, ...] = Field(min_length=1)
     equal: tuple[str, ...] = Field(default=(), description="JMESPath on the rule root; all must be equal")
-    for_: Duration = Field(default=600.0, alias="for", gt=0, description="a source inhibits targets this long")
+    for_: Duration = Field(
+        default=600.0, alias="for", gt=0, le=MAX_FOR_SECONDS, description="a source inhibits targets this long (≤ 1d)"
+    )
 
 
 class InhibitionLog:
@@ -43,6 +48,8 @@ class InhibitionLog:
     def add(self, key: str, seen: float) -> None:
         if seen > self._seen.get(key, float("-inf")):
             self._seen[key] = seen
+        if len(self._seen) > MAX_SOURCES:  # bounded: forget sources older than any inhibit rule's `for`
+            self.prune(seen - MAX_FOR_SECONDS)
 
     def apply(self, value: bytes | None, *, where: str) -> None:
         """One record of the inhibitions topic; a malformed one is logged (naming it) and skipped."""

@@ -408,7 +408,12 @@ class Manager:
                     sending.append(item)
             log.debug("flushing %s: %d alerts (%d suppressed)", bucket.key, len(sending), len(held) - len(sending))
             if sending:
-                await self._send_group(bucket, sending)
+                try:
+                    await self._send_group(bucket, sending)
+                except Exception as exc:  # e.g. its channel removed by a reload: never leave alerts stuck
+                    log.exception("%s: sending a %s message failed", bucket.channel, bucket.kind)
+                    reason = f"internal error: {type(exc).__name__}: {exc}"
+                    await asyncio.gather(*(self._give_up(h, reason, 0) for h in sending))
             if self.partitions.get(bucket.partition) is not state:
                 return  # revoked while sending
             bucket.messages += 1
