@@ -239,6 +239,32 @@ async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(tansu
         assert ids_in(server, tasks) == set(tasks)
 
 
+async def test_a_throttled_key_stays_throttled_when_its_channel_moves(tansu, unique_topic, tmp_path: Path) -> None:
+    topic = unique_topic("events")
+    async with robot() as server:
+        path = router_config(tmp_path, tansu, topic, server, {"throttle": {"key": ["imm.project"], "for": "10s"}})
+        first = Service(load(path), path)
+        first_run = asyncio.create_task(first.run())
+        try:
+            await produce(tansu.bootstrap_servers, topic, [(failed("t-first"), [])])
+            await server.wait_for(1, timeout=20)
+            async with running(path) as second:
+                first.stop()
+                await asyncio.wait_for(first_run, 30)
+                await wait_until(lambda: bool(second.owned_partitions) and second.idle, what="the takeover")
+                await produce(tansu.bootstrap_servers, topic, [(failed(f"t-later-{i}"), []) for i in range(3)])
+                await wait_until(
+                    lambda: second.metrics.suppressed.labels("robot", "throttled")._value.get() == 3,
+                    what="the new owner holding the key's alerts",
+                )
+                assert len(server.messages) == 1  # still throttled: nothing sent on its own
+                await server.wait_for(2, timeout=30)
+        finally:
+            first.stop()
+            await asyncio.wait_for(first_run, 30)
+    assert "3 alerts held by the throttle" in texts(server)[1]
+
+
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
