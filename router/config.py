@@ -19,6 +19,7 @@ from router.channels.kafka import KafkaChannelConfig
 from router.channels.webhook import WebhookConfig
 from router.errors import ConfigError
 from router.opsfile import describe_errors, expand_env, load_yaml
+from router.sources.http import IngestSettings
 
 ChannelConfig = Annotated[
     EmailConfig | DingTalkConfig | KafkaChannelConfig | WebhookConfig, Field(discriminator="type")
@@ -122,6 +123,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     service: ServiceSettings = ServiceSettings()
     http: HttpSettings = HttpSettings()
+    ingest: IngestSettings = IngestSettings()
     time_intervals: tuple[TimeInterval, ...] = ()
     inhibit_rules: tuple[InhibitRule, ...] = ()
 
@@ -133,6 +135,17 @@ class Settings(BaseSettings):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}; use an IANA name like Asia/Shanghai") from exc
         return value
+
+    @model_validator(mode="after")
+    def _ingest_has_a_home(self) -> Settings:
+        if self.ingest.enabled and not self.http.enabled:
+            raise ValueError("ingest is served by the HTTP server: set http.enabled: true")
+        if self.ingest.topic is not None and self.ingest.topic not in self.kafka.topics:
+            raise ValueError(
+                f"ingest.topic {self.ingest.topic!r} is not one of kafka.topics {list(self.kafka.topics)}: "
+                "this router would never route what it ingests"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -4,7 +4,8 @@ RouterError
 ├── ConfigError      an ops file (config, rule, template, rule test) is invalid; names file:line
 ├── DecodeError      a record is not an IMM event; names the input and the problem
 ├── RenderError      a template failed at render time for one event
-└── DeliveryError    a channel could not deliver; ``retriable`` says whether trying again can help
+├── DeliveryError    a channel could not deliver; ``retriable`` says whether trying again can help
+└── IngestRefused    an HTTP ingest request is refused: 400 malformed, 403 not authentic, 503 try later
 """
 
 from __future__ import annotations
@@ -45,3 +46,13 @@ class DeliveryError(RouterError):
         self.channel = channel
         kind = "retriable" if retriable else "permanent"
         super().__init__(f"{channel + ': ' if channel else ''}{message} ({kind})")
+
+
+class IngestRefused(RouterError):
+    """An HTTP ingest request is answered with ``status`` and this one-line message; nothing is produced.
+    ``reason`` is a short fixed code for the refusals metric (never request data or secrets)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)

@@ -79,3 +79,16 @@ class Metrics:
         self.circuit_open = Gauge(
             "imm_router_circuit_open", "1 while a channel's circuit is open", ["channel"], registry=r
         )
+        self.ingest_requests = Counter(
+            "imm_router_ingest_requests", "HTTP ingest requests answered", ["endpoint", "status"], registry=r
+        )
+        self.ingest_refused = Counter(
+            "imm_router_ingest_refused",
+            "HTTP ingest requests refused (400, 403, 503)",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.ingest_events = Counter(
+            "imm_router_ingest_events", "Events produced to the source topic from HTTP ingest", ["endpoint"], registry=r
+        )
+        self.ingest_in_flight = Gauge("imm_router_ingest_in_flight", "HTTP ingest requests being handled", registry=r)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, SecretStr
 from router.alerting.silence_api import SilenceAPI
 from router.channels.base import Scrubber
 from router.config import Settings
+from router.sources.http import HttpIngest
 
 if TYPE_CHECKING:
     from router.service import Service
@@ -103,12 +104,14 @@ def setup_logging(settings: Settings, stream: Any = None) -> Redactor:
 
 
 class OpsServer:
-    """/metrics (Prometheus), /healthz (the event loop answers), /readyz (config, broker, channels)."""
+    """/metrics (Prometheus), /healthz (the event loop answers), /readyz (config, broker, channels), the
+    silences API and, when enabled, HTTP ingest (router.sources.http)."""
 
     def __init__(self, service: Service, host: str, port: int) -> None:
         self.service = service
         self.host, self.port = host, port
         self.runner: web.AppRunner | None = None
+        self.ingest: HttpIngest | None = None
 
     async def start(self) -> None:
         app = web.Application()
@@ -119,6 +122,10 @@ class OpsServer:
         if hasattr(self.service, "silences"):
             self._silence_api().add_routes(app)
             paths += " /api/v1/silences"
+        if self.service.engine.settings.ingest.enabled:
+            service = self.service
+            self.ingest = HttpIngest(lambda: service.engine, lambda: service.producer, service.metrics)
+            paths += " " + " ".join(self.ingest.add_routes(app))
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port)
@@ -142,6 +149,8 @@ class OpsServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.ingest is not None:
+            await self.ingest.close()
 
     async def metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self.service.metrics.registry)
