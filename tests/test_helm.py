@@ -160,6 +160,18 @@ COMMON_ON: dict[str, Any] = {
     "podLabels": {"team": "media"},
     "probes": {"startup": {"enabled": True, "failureThreshold": 60}},
     "service": {"port": 80, "annotations": {"a": "b"}},
+    "ingest": {
+        "mns": {"enabled": True},
+        "eventbridge": {"enabled": True, "tokenEnv": "EB_TOKEN", "hmacKeyEnv": "EB_HMAC_KEY"},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "1m"},
+            "host": "imm-ingest.example.com",
+            "tls": [{"secretName": "imm-ingest-tls", "hosts": ["imm-ingest.example.com"]}],
+        },
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+    },
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
     "networkPolicy": {
@@ -266,6 +278,8 @@ SECRET_ENV = {
     "KAFKA_USERNAME": "imm",
     "KAFKA_PASSWORD": "kpw",
     "API_TOKEN": "api",
+    "EB_TOKEN": "ebt",
+    "EB_HMAC_KEY": "ebk",
 }
 
 
@@ -378,7 +392,7 @@ def test_default_render_is_minimal(chart: helm_python.Chart) -> None:
 def test_every_optional_piece_renders(chart: helm_python.Chart) -> None:
     keda = render(chart, VARIANTS["all-on-keda"])
     hpa = render(chart, VARIANTS["all-on-hpa"])
-    optional = {"ScaledObject", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount"}
+    optional = {"ScaledObject", "ServiceMonitor", "NetworkPolicy", "PodDisruptionBudget", "ServiceAccount", "Ingress"}
     assert optional <= kinds(keda)
     assert "HorizontalPodAutoscaler" not in kinds(keda)
     assert {"HorizontalPodAutoscaler", "ServiceMonitor", "NetworkPolicy"} <= kinds(hpa)
@@ -606,6 +620,64 @@ def test_api_token_comes_only_from_the_secret(chart: helm_python.Chart) -> None:
             chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)
 
 
+def test_ingest_is_off_by_default(chart: helm_python.Chart) -> None:
+    docs = render(chart, merged(DEFAULTS, {"networkPolicy": {"enabled": True}}))
+    assert "Ingress" not in kinds(docs)
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
+    assert "ingest" not in router_config(docs)  # the router's own default: both endpoints off
+    assert len(one(docs, "NetworkPolicy")["spec"]["ingress"]) == 1
+
+
+def test_ingest_exposes_only_its_paths_with_tls_and_secrets_by_reference(chart: helm_python.Chart) -> None:
+    docs = render(chart, VARIANTS["all-on-hpa"])
+    ports = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert ports["ingest"]["targetPort"] == "http" == container(docs)["ports"][0]["name"]
+    ingress = one(docs, "Ingress")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"secretName": "imm-ingest-tls", "hosts": ["imm-ingest.example.com"]}]
+    (rule,) = ingress["rules"]
+    assert rule["host"] == "imm-ingest.example.com"
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [
+        ("/ingest/mns", "Exact"),
+        ("/ingest/eventbridge", "Exact"),
+    ]  # never /metrics or the silences API
+    assert {p["backend"]["service"]["port"]["name"] for p in rule["http"]["paths"]} == {"ingest"}
+    policy = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert policy[1] == {
+        "ports": [{"port": "http", "protocol": "TCP"}],
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+    }
+    cfg = router_config(docs)["ingest"]
+    assert cfg["mns"] == {"enabled": True, "cert_url_prefixes": ["https://mnstest.oss-cn-hangzhou.aliyuncs.com/"]}
+    assert cfg["eventbridge"]["token"] == "${EB_TOKEN}" and cfg["eventbridge"]["hmac_key"] == "${EB_HMAC_KEY}"
+    only_mns = render(chart, merged(DEFAULTS, {"ingest": {"mns": {"enabled": True}, "ingress": {"enabled": True}}}))
+    assert [p["path"] for p in one(only_mns, "Ingress")["spec"]["rules"][0]["http"]["paths"]] == ["/ingest/mns"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"ingest": {"eventbridge": {"enabled": True}}},
+            "ingest.eventbridge.enabled needs ingest.eventbridge.tokenEnv",
+        ),
+        ({"ingest": {"ingress": {"enabled": True}}}, "ingest.ingress.enabled needs ingest.mns.enabled"),
+    ],
+)
+def test_ingest_mistakes_fail_with_a_clear_message(
+    chart: helm_python.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)
+    for values, where in [
+        ({"config": {"ingest": {"mns": {"enabled": True}}}}, "ingest"),
+        ({"ingest": {"mns": {"certUrlPrefixes": ["http://mnstest.example/"]}}}, "certUrlPrefixes"),
+        ({"ingest": {"eventbridge": {"token": "s3cret"}}}, "token"),
+    ]:
+        with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
+            chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)
+
+
 def test_readme_topic_commands_match_what_the_router_creates() -> None:
     readme = (CHART / "README.md").read_text().replace("\\\n", " ")
     defaults = KafkaSettings()
@@ -695,7 +767,8 @@ def test_secrets_only_by_reference(chart: helm_python.Chart, variant: str) -> No
     docs = render(chart, VARIANTS[variant])
     assert "Secret" not in kinds(docs)
     for path, key, value in walk(router_config(docs)):
-        if isinstance(key, str) and SECRET_KEY.search(key):
+        # ingest's token_header / hmac_header name a header: not secrets.
+        if isinstance(key, str) and SECRET_KEY.search(key) and not key.endswith("_header"):
             assert isinstance(value, str) and ENV_REF.match(value), f"{path}.{key}: {value!r}"
     for env in container(docs).get("env", []):
         if SECRET_KEY.search(env["name"]):

@@ -95,6 +95,14 @@ templates volumes are siblings of it, never mounted inside another ConfigMap vol
 {{- end }}
 {{- end }}
 {{- end }}
+{{- with .Values.ingest.eventbridge }}
+{{- if and .enabled (not (or .tokenEnv .hmacKeyEnv)) }}
+{{- fail "ingest.eventbridge.enabled needs ingest.eventbridge.tokenEnv or hmacKeyEnv (keys of existingSecret): the endpoint never accepts anonymous events." }}
+{{- end }}
+{{- end }}
+{{- if and .Values.ingest.ingress.enabled (not (include "imm-router.ingestEnabled" .)) }}
+{{- fail "ingest.ingress.enabled needs ingest.mns.enabled or ingest.eventbridge.enabled: there is nothing to route." }}
+{{- end }}
 {{- include "imm-router.requireSecret" . }}
 {{- end }}
 
@@ -127,6 +135,11 @@ router.apiTokenKey; `users` says which values need them.
 {{- if .Values.kafka.sasl.enabled }}
 {{- if or (has .Values.kafka.sasl.usernameEnv $keys) (has .Values.kafka.sasl.passwordEnv $keys) }}
 {{- $users = append $users "kafka.sasl" }}
+{{- end }}
+{{- end }}
+{{- range (list .Values.ingest.eventbridge.tokenEnv .Values.ingest.eventbridge.hmacKeyEnv) }}
+{{- if and . (has . $keys) }}
+{{- $users = append $users "ingest.eventbridge" }}
 {{- end }}
 {{- end }}
 {{- range regexFindAll $pattern (toJson (.Values.config | default dict)) -1 }}
@@ -185,6 +198,25 @@ trusts it, except for the API token, which is read from existingSecret by key.
 {{- toJson $out }}
 {{- end }}
 
+{{/* Non-empty when an ingest endpoint is on. */}}
+{{- define "imm-router.ingestEnabled" -}}
+{{- if or .Values.ingest.mns.enabled .Values.ingest.eventbridge.enabled }}true{{- end }}
+{{- end }}
+
+{{/* The ingest: section of router.yaml; secrets only as ${VAR} references to existingSecret keys. */}}
+{{- define "imm-router.ingestConfig" -}}
+{{- $m := .Values.ingest.mns }}
+{{- $e := .Values.ingest.eventbridge }}
+{{- $eventbridge := dict "enabled" $e.enabled "token_header" $e.tokenHeader "hmac_header" $e.hmacHeader }}
+{{- with $e.tokenEnv }}
+{{- $_ := set $eventbridge "token" (printf "${%s}" .) }}
+{{- end }}
+{{- with $e.hmacKeyEnv }}
+{{- $_ := set $eventbridge "hmac_key" (printf "${%s}" .) }}
+{{- end }}
+{{- toJson (dict "mns" (dict "enabled" $m.enabled "cert_url_prefixes" $m.certUrlPrefixes) "eventbridge" $eventbridge) }}
+{{- end }}
+
 {{/* router.yaml: the free-form `config` block with the chart-managed settings merged over it. */}}
 {{- define "imm-router.config" -}}
 {{- $managed := dict
@@ -197,6 +229,9 @@ trusts it, except for the API token, which is read from existingSecret by key.
   "channels" (.Values.channels | default dict)
   "kafka" (include "imm-router.kafkaConfig" . | fromJson)
 }}
+{{- if include "imm-router.ingestEnabled" . }}
+{{- $_ := set $managed "ingest" (include "imm-router.ingestConfig" . | fromJson) }}
+{{- end }}
 {{- $config := mustMergeOverwrite (deepCopy (.Values.config | default dict)) $managed }}
 {{- toYaml $config }}
 {{- end }}
