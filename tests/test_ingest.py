@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
@@ -33,11 +34,13 @@ import trustme
 from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from router.config import load_settings
 from router.embedded import free_port
 from router.embedded.broker import TansuBroker
 from router.embedded.mns import FORMATS, MnsPublisher
 from router.engine import load
-from router.ops import OpsServer
+from router.errors import ConfigError
+from router.ops import OpsServer, secret_values
 from router.service import Service
 from router.sources.kafka import read_topic
 from tests.conftest import EVENTS, ROOT
@@ -418,3 +421,40 @@ async def test_sigkill_between_produce_and_answer_acknowledges_nothing_kafka_lac
     ids = {json.loads(r.value).get("id") for r in records}
     missing = [i for i in acknowledged if i not in ids]
     assert not missing, f"{len(missing)} acknowledged events not in Kafka: {missing[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("ingest", "top", "expected"),
+    [
+        ({"mns": {"cert_url_prefixes": ["https://mnstest.oss-cn-hangzhou.aliyuncs.com"]}}, {}, "with a path"),
+        ({"mns": {"cert_url_prefixes": ["http://mnstest.example/certs/"]}}, {}, "an https:// URL"),
+        ({"mns": {"cert_url_prefixes": []}}, {}, "cert_url_prefixes"),
+        ({"eventbridge": {"enabled": True}}, {}, "needs token or hmac_key"),
+        ({"mns": {"enabled": True}}, {"http": {"enabled": False}}, "set http.enabled: true"),
+        ({"topic": "elsewhere"}, {}, "is not one of kafka.topics"),
+        ({"eventbridge": {"tokn": "x"}}, {}, "tokn"),
+    ],
+)
+def test_bad_ingest_config_is_refused_at_load(
+    tmp_path: Path, ingest: dict[str, Any], top: dict[str, Any], expected: str
+) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        json.dumps(
+            {"rules_dir": str(ROOT / "rules"), "templates_dir": str(ROOT / "templates"), "ingest": ingest, **top}
+        )
+    )
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load(path)
+
+
+def test_ingest_is_off_by_default_and_its_secrets_stay_hidden(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(json.dumps({"ingest": {"eventbridge": {"enabled": True, "token": TOKEN, "hmac_key": HMAC_KEY}}}))
+    settings = load_settings(path)
+    shown = repr(settings) + str(settings) + settings.model_dump_json()
+    assert TOKEN not in shown and HMAC_KEY not in shown
+    assert {TOKEN, HMAC_KEY} <= secret_values(settings)  # so the log redactor masks them
+    default = tmp_path / "default.yaml"
+    default.write_text("{}")
+    assert not load_settings(default).ingest.enabled
