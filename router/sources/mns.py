@@ -80,7 +80,6 @@ class MnsIngestSettings(Frozen):
 class MnsMessage:
     body: bytes
     message_id: str | None
-    format: str  # XML, JSON or SIMPLIFIED
 
 
 def forbidden(reason: str, message: str) -> IngestRefused:
@@ -274,7 +273,7 @@ def message(body: bytes) -> MnsMessage:
             raise malformed("json", f"body is not valid JSON: {str(exc)[:200]}") from None
         if isinstance(doc, dict) and {"TopicName", "MessageId", "Message"} <= doc.keys():
             return _from_fields(doc, "JSON")
-    return MnsMessage(body, None, "SIMPLIFIED")
+    return MnsMessage(body, None)
 
 
 def _from_xml(body: bytes) -> MnsMessage:
@@ -297,7 +296,7 @@ def _from_fields(fields: Mapping[str, object], fmt: str) -> MnsMessage:
     if not isinstance(text, str):
         raise malformed(fmt.lower(), "MNS notification Message is not a string")
     message_id = fields["MessageId"]
-    return MnsMessage(text.encode(), str(message_id) if message_id else None, fmt)
+    return MnsMessage(text.encode(), str(message_id) if message_id else None)
 
 
 def _local(tag: str) -> str:
