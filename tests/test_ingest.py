@@ -295,6 +295,15 @@ async def test_refusals_are_counted_by_reason_and_produce_nothing(
             assert (got, text.count("\n")) == (status, 1), f"{name}: {got} {text!r}"
             refused = service.metrics.ingest_refused.labels(endpoint, reason)._value.get()
             assert refused >= 1, f"{name}: not counted as {reason}"
+        huge = b"{" * 70_000
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: bounded as it streams in
+            for start in range(0, len(huge), 8192):
+                yield huge[start : start + 8192]
+
+        chunked_headers = publisher.sign(huge, "SIMPLIFIED")
+        async with http.post(f"{base}/ingest/mns", headers=chunked_headers, data=chunked()) as response:
+            assert response.status == 400 and "over the 65536-byte limit" in await response.text()
         async with http.get(f"{base}/metrics") as response:
             metrics = await response.text()
         # One accepted event afterwards: the topic then holds exactly it, so nothing refused got in.

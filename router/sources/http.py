@@ -175,9 +175,15 @@ async def _send(
 
 async def _read(request: web.Request, limit: int) -> bytes:
     too_large = IngestRefused(400, "too_large", f"body is over the {limit}-byte limit (max_event_bytes)")
-    if (request.content_length or 0) > limit:
-        raise too_large
-    body = bytearray()
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise too_large
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise IngestRefused(400, "body", "body shorter than its Content-Length") from None
+    body = bytearray()  # chunked: bounded as it comes
     async for chunk in request.content.iter_chunked(65_536):
         body += chunk
         if len(body) > limit:
