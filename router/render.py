@@ -152,17 +152,22 @@ class TemplateSet:
         return env
 
     def localtime(self, value: Any, fmt: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
-        """A datetime or ISO string shown in the configured time zone."""
+        """A datetime or ISO string shown in the configured time zone; the raw value when it cannot be
+        (``9999-12-31T23:59:59``, a common "never", overflows in any zone east of UTC)."""
         if value is None or value == "":
             return ""
+        raw = str(value)
         if isinstance(value, str):
             try:
                 value = datetime.fromisoformat(value)
             except ValueError:
-                return str(value)
+                return raw
         if not isinstance(value, datetime):
-            return str(value)
-        return str(value.astimezone(self.zone).strftime(fmt))
+            return raw
+        try:
+            return str(value.astimezone(self.zone).strftime(fmt))
+        except (OverflowError, ValueError, OSError):
+            return raw
 
     def blocks(self, name: str) -> frozenset[str]:
         return frozenset(block for template in self.text[name] for block in template.blocks)

@@ -5,10 +5,10 @@ A channel makes one attempt and says whether another could help (DeliveryError.r
 again, holding back and giving up happen here, the same way for every channel. ``Delivery.deliver``
 returns once a notification is settled and raises DeliveryFailed when it is given up.
 
-Metrics, by channel; sent + dead_lettered + duplicates counts every notification that settled:
-sent (delivered, alone or inside a digest), digested (of those, inside a digest), digests_sent,
-failed (failed attempts; a digest counts once), retried, dead_lettered, duplicates, latency (record
-time to delivered) and circuit_open.
+Metrics, by channel: sent (delivered, alone or inside a digest), digested (of those, inside a digest),
+digests_sent, failed (failed attempts; a digest counts once), retried, duplicates, latency (record time to
+delivered) and circuit_open. What is given up (DeliveryFailed) is counted as dead-lettered by whoever
+dead-letters it (the service), once per notification.
 """
 
 from __future__ import annotations
@@ -352,9 +352,7 @@ class Delivery:
             self._dedup.mark(job.notification.dedup_key)
 
     def _given_up(self, job: _Job, reason: str) -> DeliveryFailed:
-        n = job.notification
-        self.metrics.dead_lettered.labels(n.channel).inc()
-        failed = DeliveryFailed(n, reason, job.attempts)
+        failed = DeliveryFailed(job.notification, reason, job.attempts)
         log.warning("%s", failed)
         return failed
 
