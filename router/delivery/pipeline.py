@@ -161,24 +161,34 @@ class Delivery:
         else:
             lane.limiter.configure(rate)  # keep the log: a reload must not reset the window
 
-    def swap_engine(self, engine: Engine) -> None:
+    def channels_for(self, engine: Engine) -> dict[str, Channel]:
+        """The channel objects a swap to ``engine`` needs (new channels, and those whose config changed).
+        Building them is the last step of a reload that can fail (ConfigError); nothing is swapped yet."""
+        settings = engine.settings
+        kafka_changed = settings.kafka != self._engine.settings.kafka
+        return {
+            name: make_channel(name, config, kafka_defaults=settings.kafka)
+            for name, config in settings.channels.items()
+            if name not in self._lanes or kafka_changed or config != self._lanes[name].config
+        }
+
+    def swap_engine(self, engine: Engine, fresh: Mapping[str, Channel] | None = None) -> None:
         """Hot reload: new templates and rules apply to what is delivered from now on (digests still held
-        are rendered with the new digest templates); a channel whose config changed gets a new channel
-        object, the old one is closed once its attempts in flight are done; a removed channel's held
-        notifications fail."""
-        old_kafka = self._engine.settings.kafka
+        are rendered with the new digest templates); a channel whose config changed gets its new channel
+        object from ``fresh`` (``channels_for(engine)``), the old one is closed once its attempts in flight
+        are done; a removed channel's held notifications fail. Nothing here can fail half-way."""
+        fresh = self.channels_for(engine) if fresh is None else fresh
         self._engine = engine
         settings = engine.settings
         self._dedup.configure(settings.service.dedup_ttl_seconds, settings.service.dedup_max_entries)
         for name, config in settings.channels.items():
             lane = self._lanes.get(name)
             if lane is None:
-                channel = make_channel(name, config, kafka_defaults=settings.kafka)
-                self._lanes[name] = self._new_lane(name, config, channel)
+                self._lanes[name] = self._new_lane(name, config, fresh[name])
                 continue
-            if config != lane.config or settings.kafka != old_kafka:
+            if name in fresh:
                 self._retire(lane.endpoint)
-                lane.endpoint = _Endpoint(make_channel(name, config, kafka_defaults=settings.kafka))
+                lane.endpoint = _Endpoint(fresh[name])
             self._configure(lane, config)
         for name in set(self._lanes) - set(settings.channels):
             lane = self._lanes.pop(name)
