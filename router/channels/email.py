@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import aiosmtplib
 from pydantic import Field, SecretStr
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, one_line
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, header_value, one_line
 from router.errors import DeliveryError
 from router.notification import Notification
 
@@ -47,7 +47,7 @@ class EmailConfig(ChannelConfigBase):
             "subject": one_line(parts["subject"]),
             "text": parts["text"],
             "html": parts.get("html") or None,
-            "headers": {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule},
+            "headers": {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)},
         }
 
 
