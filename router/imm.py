@@ -25,6 +25,23 @@ KNOWN_TASKS = frozenset({
     "FacesSearching", "LiveTranscoding", "DecodeBlindWatermark",
 })  # fmt: skip
 MODERATION_TASKS = frozenset({"ImageModeration", "VideoModeration"})
+# Every event type IMM sends (its EventBridge documentation), as the decoder names them; imm:Unknown is
+# what a bare payload of no recognisable shape becomes.
+KNOWN_EVENT_TYPES = frozenset(
+    {f"imm:Task:{task}" for task in KNOWN_TASKS}
+    | {f"imm:FileMeta:{kind}" for kind in ("Index", "Delete", "BatchIndex", "BatchDelete", "BatchUpdate")}
+    | {f"imm:Engine:{kind}" for kind in ("Exif", "Mime", "OSSMeta", "Tag")}
+    | {f"imm:ActionTrail:{kind}" for kind in ("ApiCall", "AliyunServiceEvent", "ConsoleOperation", "ConsoleSignin")}
+    | {"imm:ActionTrail:ConsoleSignout", "imm:Binding:Task", "imm:Batch:Notification", "imm:Trigger:Notification"}
+    | {"imm:Unknown"}
+)
+# What ``event`` has besides the payload: the CloudEvent envelope IMM events carry, and the router's own
+# normalized attributes (wire_format). MNS envelopes are a subset.
+ENVELOPE_KEYS = frozenset({
+    "id", "source", "specversion", "type", "subject", "time", "datacontenttype", "dataschema", "wire_format",
+    "aliyunaccountid", "aliyunpublishtime", "aliyunoriginalaccountid", "aliyuneventbusname", "aliyunregionid",
+    "aliyunpublishaddr",
+})  # fmt: skip
 FAILED = frozenset({"failed", "failure", "fail", "error"})
 RUNNING = frozenset({"running", "processing", "pending", "queued", "submitted", "created"})
 SUCCEEDED = frozenset({"success", "succeeded", "succeed", "successful", "finished", "ok", "completed"})
@@ -223,3 +240,8 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         "event_source_id": _str(data.get("EventSourceId")),
         "region": region,
     }
+
+
+# The keys of the view and of its ``moderation`` part (the view always has every one of them).
+VIEW_KEYS = frozenset(build_view({}, {}, "imm:Unknown"))
+MODERATION_KEYS = frozenset(build_view({"Suggestion": "pass"}, {}, "imm:Unknown")["moderation"])
