@@ -103,7 +103,7 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
 def did_you_mean(word: str, known: Iterable[str], *, suffix: str = "") -> str:
     """``; did you mean 'x'?`` for the closest of ``known`` (case differences too), or ``""``."""
     choices = sorted(str(k) for k in known)
-    close = [c for c in choices if c.lower() == word.lower()] or difflib.get_close_matches(word, choices, n=1)
+    close = [c for c in choices if c.lower() == word.lower()] or difflib.get_close_matches(word, choices, 1, 0.75)
     return f"; did you mean {close[0] + suffix!r}?" if close else ""
 
 
