@@ -26,7 +26,7 @@ from jmespath.visitor import _Expression
 
 Fn = Callable[[Any], Any]
 
-__all__ = ["Expression", "compile", "compile_tree"]
+__all__ = ["Expression", "compile", "compile_tree", "field_chain"]
 
 
 class _Calls:
@@ -121,7 +121,7 @@ class _Compiler:
         return _get_path((node["value"],))
 
     def _subexpression(self, node: dict[str, Any]) -> Fn:
-        keys = _field_chain(node)
+        keys = field_chain(node)
         if keys is not None:
             return _get_path(keys)
         return self._chain(node)
@@ -372,7 +372,7 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _field_chain(node: dict[str, Any]) -> tuple[str, ...] | None:
+def field_chain(node: dict[str, Any]) -> tuple[str, ...] | None:
     """The keys of ``a.b.c`` (fields only, however nested), else None."""
     if node["type"] == "field":
         return (node["value"],)
@@ -380,7 +380,7 @@ def _field_chain(node: dict[str, Any]) -> tuple[str, ...] | None:
         return None
     keys: list[str] = []
     for child in node["children"]:
-        sub = _field_chain(child)
+        sub = field_chain(child)
         if sub is None:
             return None
         keys.extend(sub)

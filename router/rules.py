@@ -12,7 +12,9 @@ Two indexes, both built at load:
 from __future__ import annotations
 
 import bisect
+import difflib
 import fnmatch
+import itertools
 import json
 import logging
 import re
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jmespath import functions
-from jmespath.exceptions import JMESPathError, ParseError
+from jmespath.exceptions import JMESPathError, LexerError, ParseError
+from jmespath.lexer import Lexer
 from jmespath.visitor import Options
 from pydantic import Field, field_validator
 
@@ -33,7 +36,8 @@ from router.channels.base import Frozen
 from router.decode import Event
 from router.errors import ConfigError
 from router.expr import Expression
-from router.opsfile import LineDict, LineList, load_yaml, validate
+from router.imm import ENVELOPE_KEYS, KNOWN_EVENT_TYPES, MODERATION_KEYS, VIEW_KEYS, canonical_type
+from router.opsfile import LineDict, LineList, did_you_mean, load_yaml, validate
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +402,8 @@ def _every_rule(kind: Kind, table: Any) -> list[Rule]:
 @dataclass
 class RuleSet:
     rules: list[Rule]
+    # ``file:line: …`` for what is valid but would never match as meant (``check`` shows them).
+    warnings: list[str] = field(default_factory=list)
     # Called with each rule that fails on an event (the service counts them per rule).
     on_error: Callable[[Rule], None] | None = None
     _plans: dict[str, _Plan] = field(default_factory=dict)
@@ -466,12 +472,26 @@ def rule_root(event: Event) -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------------------
 
 
+# The interpreter recurses about twice per level; deeper expressions would hit Python's recursion limit
+# while an event is evaluated (in the service, on the event loop).
+MAX_EXPRESSION_DEPTH = 100
+_COMPARATORS = frozenset({"eq", "ne", "lt", "lte", "gt", "gte"})
+# Node types whose first child is evaluated against the same document as the node, and the rest
+# against what the first child produced (so ``imm.x`` there is not the rule root's ``imm``).
+_CHAINS = frozenset(
+    {"subexpression", "index_expression", "projection", "value_projection", "filter_projection", "pipe", "flatten"}
+)
+
+
 def compile_expression(text: str, *, what: str, path: str | None = None, line: int | None = None) -> Expression:
     """Compile one JMESPath expression written by a person (a rule's ``when``, a ``group_by`` entry, a
     silence's ``--match``) with the rule functions; ``what`` names it in the error, which shows where the
-    parse failed."""
+    parse failed.
+
+    Besides syntax it refuses what would fail on every event: unknown functions, wrong argument
+    counts and nesting deeper than the interpreter can evaluate."""
     try:
-        return expr.compile(text, functions=RULE_FUNCTIONS)
+        expression = expr.compile(text, functions=RULE_FUNCTIONS)
     except ParseError as exc:
         pointer = " " * (exc.lex_position or 0) + "^"
         raise ConfigError(
@@ -482,6 +502,119 @@ def compile_expression(text: str, *, what: str, path: str | None = None, line: i
         ) from None
     except JMESPathError as exc:
         raise ConfigError(f"{what} is not valid JMESPath: {exc}", path=path, line=line) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{what} is nested too deeply to evaluate; split it into several rules, or test one path against "
+            "many values with contains(['a', 'b'], path)",
+            path=path,
+            line=line,
+        ) from None
+    parsed = expression.parsed
+    problem = _depth_problem(parsed) or _function_problem(parsed)
+    if problem:
+        raise ConfigError(f"{what}: {problem}", path=path, line=line)
+    return expression
+
+
+def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
+    """Every node of a parsed expression with its depth and whether it reads the rule root (iterative:
+    the tree may be deeper than Python's recursion limit)."""
+    found = []
+    stack = [(root, 1, True)]
+    while stack:
+        node, depth, on_root = stack.pop()
+        found.append((node, depth, on_root))
+        chain = node["type"] in _CHAINS
+        children = [
+            (child, depth + 1, on_root and not (chain and i > 0) and node["type"] != "expref")
+            for i, child in enumerate(node.get("children", ()))
+            if isinstance(child, dict)
+        ]
+        stack.extend(reversed(children))  # popped in source order
+    return found
+
+
+def _depth_problem(root: dict[str, Any]) -> str | None:
+    depth = max(d for _, d, _ in _nodes(root))
+    if depth <= MAX_EXPRESSION_DEPTH:
+        return None
+    return (
+        f"nested {depth} levels deep, more than the {MAX_EXPRESSION_DEPTH} that can be evaluated; split it into "
+        "several rules, or test one path against many values with contains(['a', 'b'], path)"
+    )
+
+
+def _function_problem(root: dict[str, Any]) -> str | None:
+    table = RULE_FUNCTIONS.FUNCTION_TABLE
+    for node, _, _ in _nodes(root):
+        if node["type"] != "function_expression":
+            continue
+        name, given = node["value"], len(node["children"])
+        if name not in table:
+            hint = did_you_mean(name, table, suffix="()") or f"; functions: {', '.join(sorted(table))}"
+            return f"unknown function {name}(){hint}"
+        signature = table[name]["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        if given < len(signature) or (given > len(signature) and not variadic):
+            wanted = f"{'at least ' if variadic else ''}{len(signature)}"
+            return f"{name}() takes {wanted} argument(s), not {given}"
+    return None
+
+
+def expression_warnings(expression: Any) -> list[str]:
+    """What in a compiled expression is valid but almost certainly not meant: a path into ``imm`` or
+    ``event`` that those documents never have, and a double-quoted right-hand side of a comparison
+    (in JMESPath ``"prod"`` names a field; the string is ``'prod'``)."""
+    found = []
+    for node, _, on_root in _nodes(expression.parsed):
+        path = expr.field_chain(node) if on_root else None
+        if path and len(path) > 1 and path[0] in ("imm", "event"):
+            problem = _unknown_key(path)
+            if problem:
+                found.append(problem)
+    try:
+        tokens = list(Lexer().tokenize(expression.text))
+    except LexerError:  # it compiled, so it lexes; nothing to add otherwise
+        tokens = []
+    for before, token in itertools.pairwise(tokens):
+        if token["type"] == "quoted_identifier" and before["type"] in _COMPARATORS:
+            found.append(
+                f'"{token["value"]}" after {before["value"]} is a field name in JMESPath, not a string; '
+                f"write '{token['value']}' to compare with the text"
+            )
+    return list(dict.fromkeys(found))
+
+
+def _unknown_key(path: tuple[str, ...]) -> str | None:
+    root, key = path[0], path[1]
+    known = VIEW_KEYS if root == "imm" else ENVELOPE_KEYS
+    if key not in known:
+        hint = did_you_mean(key, known) or f"; {root} has: {', '.join(sorted(known))}"
+        return f"{root}.{key} is not a key of `{root}` (always null){hint}"
+    if root == "imm" and key == "moderation" and len(path) > 2 and path[2] not in MODERATION_KEYS:
+        hint = did_you_mean(path[2], MODERATION_KEYS) or f"; it has: {', '.join(sorted(MODERATION_KEYS))}"
+        return f"imm.moderation.{path[2]} is not a key of imm.moderation (always null){hint}"
+    return None
+
+
+def pattern_warnings(patterns: tuple[str, ...]) -> list[str]:
+    """An ``events:`` pattern that matches none of the IMM event types (after the router's own type
+    normalization), with the closest type there is."""
+    found = []
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(t, pattern) for t in KNOWN_EVENT_TYPES):
+            continue
+        canonical = canonical_type(pattern)
+        if canonical != pattern and canonical in KNOWN_EVENT_TYPES:
+            hint = f"; events arrive as {canonical!r}, write that"
+        else:
+            lowered = {t.lower(): t for t in KNOWN_EVENT_TYPES}
+            close = lowered.get(pattern.lower()) or next(
+                iter(difflib.get_close_matches(pattern, sorted(KNOWN_EVENT_TYPES), n=1, cutoff=0.6)), None
+            )
+            hint = f"; did you mean {close!r}?" if close else '; see README "Event types"'
+        found.append(f"events pattern {pattern!r} matches no IMM event type{hint}")
+    return found
 
 
 def search(expression: Expression, root: dict[str, Any]) -> Any:
@@ -512,6 +645,7 @@ def load_rules(
 ) -> RuleSet:
     """Load and compile every rule file. ``check_notify`` returns a problem with a notify entry, if any."""
     problems: list[str] = []
+    warnings: list[str] = []
     rules: list[Rule] = []
     first_seen: dict[str, tuple[Path, int]] = {}
     for path in rule_files(rules_dir):
@@ -543,6 +677,12 @@ def load_rules(
             except ConfigError as exc:
                 problems.append(str(exc))
                 continue
+            events_line = node.key_lines.get("events", line) if isinstance(node, LineDict) else line
+            for at, found in (
+                (when_line, expression_warnings(expression)),
+                (events_line, pattern_warnings(spec.events or ())),
+            ):
+                warnings.extend(f"{path}:{at}: rule {spec.name!r}: {w}" for w in found)
             notify_node = node.get("notify") if isinstance(node, LineDict) else None
             for j, target in enumerate(spec.notify):
                 problem = check_notify(target)
@@ -553,4 +693,4 @@ def load_rules(
                 rules.append(Rule(spec, len(rules), path, line, expression))
     if problems:
         raise ConfigError("\n".join(problems))
-    return RuleSet(rules)
+    return RuleSet(rules, warnings)
