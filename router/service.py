@@ -492,21 +492,23 @@ class Service:
     # --- hot reload -----------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Load and validate the config again; swap it in only if all of it is valid."""
+        """Load and validate the config again and build what it needs; swap it all in at once only if every
+        step succeeded. A failure is logged and counted and leaves the running config as it was."""
         if self.config_path is None:
             return False
         try:
-            engine = load(self.config_path)
-        except ConfigError as exc:
+            engine = self._instrumented(load(self.config_path))
+            fresh = self.delivery.channels_for(engine) if self.delivery is not None else {}
+        except Exception as exc:  # ConfigError, or whatever a broken file provokes: never the watcher's end
             self.metrics.reloads.labels("failed").inc()
-            log.error("reload failed, keeping the running config:\n%s", exc)
+            detail = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("reload failed, keeping the running config:\n%s", detail)
             return False
-        engine = self._instrumented(engine)
         if engine.settings.kafka != self.engine.settings.kafka:
             log.warning("kafka settings changed: they take effect after a restart")
         self.engine = engine
         if self.delivery is not None:
-            self.delivery.swap_engine(engine)
+            self.delivery.swap_engine(engine, fresh)
         if self.manager is not None:
             self.manager.swap_engine(engine)
         for callback in self.on_reload:
