@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from router.alerting.inhibit import InhibitRule
 from router.alerting.timing import TimeInterval
+from router.channels.alertmanager import AlertmanagerConfig
 from router.channels.base import Frozen
 from router.channels.dingtalk import DingTalkConfig
 from router.channels.email import EmailConfig
@@ -21,7 +22,7 @@ from router.errors import ConfigError
 from router.opsfile import describe_errors, expand_env, load_yaml
 
 ChannelConfig = Annotated[
-    EmailConfig | DingTalkConfig | KafkaChannelConfig | WebhookConfig, Field(discriminator="type")
+    EmailConfig | DingTalkConfig | KafkaChannelConfig | WebhookConfig | AlertmanagerConfig, Field(discriminator="type")
 ]
 
 

@@ -95,7 +95,7 @@ class Engine:
         channel = self.settings.channels[target.channel]
         wanted = channel.required_blocks + channel.optional_blocks
         parts = self.templates.render_parts(target.template, wanted, {**context, "channel": target.channel})
-        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name))
+        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name, time=event.time))
         return Notification(
             event_id=event.id,
             event_type=event.type,

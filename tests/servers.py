@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 import trustme
 
+from router.embedded.alertmanager import Alertmanager
 from router.embedded.broker import MotoS3, TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.smtp import SmtpCapture
@@ -143,6 +144,24 @@ async def moto_s3(tmp_path: Path) -> AsyncIterator[MotoS3]:
     ``TansuBroker(storage_engine="s3://tansu/", env=moto_s3.broker_env())``."""
     async with MotoS3(log_path=tmp_path / "moto.log") as server:
         yield server
+
+
+@pytest_asyncio.fixture
+async def alertmanager_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Alertmanager]]]:
+    """``await alertmanager_factory(**Alertmanager kwargs)`` -> a started Prometheus Alertmanager of this
+    test's own on a free loopback port; all are stopped at teardown."""
+    servers: list[Alertmanager] = []
+
+    async def make(**kwargs: Any) -> Alertmanager:
+        kwargs.setdefault("log_path", tmp_path / f"alertmanager-{len(servers)}.log")
+        server = Alertmanager(**kwargs)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield make
+    for server in servers:
+        await server.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
@@ -87,6 +88,7 @@ class PayloadMeta(Frozen):
 
     event_id: str
     rule: str
+    time: datetime | None = Field(default=None, description="the event's time; None for digests and groups")
 
 
 def one_line(text: str) -> str:

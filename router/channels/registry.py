@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from router.channels.alertmanager import AlertmanagerChannel, AlertmanagerConfig
 from router.channels.base import Channel, ChannelConfigBase, Scrubber
 from router.channels.dingtalk import DingTalkChannel, DingTalkConfig
 from router.channels.email import EmailChannel, EmailConfig
@@ -24,6 +25,8 @@ def make_channel(name: str, config: ChannelConfigBase, *, kafka_defaults: KafkaS
         return DingTalkChannel(name, config)
     if isinstance(config, KafkaChannelConfig):
         return KafkaChannel(name, config, kafka_defaults)
+    if isinstance(config, AlertmanagerConfig):
+        return AlertmanagerChannel(name, config)
     if isinstance(config, WebhookConfig):
         try:
             return WebhookChannel(name, config)
