@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -68,6 +68,11 @@ class ChannelConfigBase(Frozen):
 
     def effective_rate_limit(self) -> RateLimit | None:
         return self.rate_limit
+
+    def pool_size(self) -> int:
+        """Destinations behind this channel that each take ``effective_rate_limit`` (DingTalk robots of
+        a pool); above 1 the channel is a PooledChannel."""
+        return 1
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         """The exact payload the channel would send for these rendered template parts."""
@@ -141,3 +146,12 @@ class Channel(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class PooledChannel(Channel, Protocol):
+    """A channel over several destinations with a rate limit each: the delivery stage picks the member."""
+
+    async def send_via(self, member: int, notification: Notification) -> None:
+        """``send`` through member ``member`` (0-based, below the config's ``pool_size()``)."""
+        ...
