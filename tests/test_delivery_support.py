@@ -55,11 +55,15 @@ def make_engine(
     tmp_path: Path, channels: dict[str, dict[str, Any]], *, rule_labels: dict[str, str] | None = None, **settings: Any
 ) -> Engine:
     """An Engine with ``channels`` (name -> config) and one rule, task-failed (with ``rule_labels``),
-    notifying all of them with the shipped template of their type. ``settings`` go into the config file's
-    top level."""
+    notifying all of them with the shipped template of their type (``<type>/alert.j2`` for others).
+    ``settings`` go into the config file's top level."""
     rules = tmp_path / "rules"
     rules.mkdir(exist_ok=True)
-    notify = [{"channel": name, "template": TEMPLATES[config["type"]]} for name, config in channels.items()]
+    # A third-party type (tests/test_plugins.py) uses <type>/alert.j2.
+    notify = [
+        {"channel": name, "template": TEMPLATES.get(config["type"], f"{config['type']}/alert.j2")}
+        for name, config in channels.items()
+    ]
     rule = {
         "name": "task-failed",
         "description": "IMM 任务失败 / An IMM task failed",

@@ -46,11 +46,14 @@ class CircuitBreaker(Frozen):
 
 
 class ChannelConfigBase(Frozen):
-    """Fields every channel type accepts. Subclasses add ``type`` and their own settings."""
+    """Fields every channel type accepts. Subclasses narrow ``type`` to ``Literal["<their type>"]`` (the
+    discriminator of ``channels``) and add their own settings."""
 
     # Template blocks this channel type needs, and the ones it uses when present.
     required_blocks: ClassVar[tuple[str, ...]] = ()
     optional_blocks: ClassVar[tuple[str, ...]] = ()
+
+    type: str
 
     digest_template: str | None = Field(
         default=None, description="template for digests of rate-limited alerts; defaults to the shipped one"
@@ -64,7 +67,7 @@ class ChannelConfigBase(Frozen):
 
     @property
     def default_digest_template(self) -> str:
-        return f"digest/{getattr(self, 'type', 'generic')}.j2"
+        return f"digest/{self.type}.j2"
 
     def effective_rate_limit(self) -> RateLimit | None:
         return self.rate_limit
