@@ -7,20 +7,23 @@ webhook: body. The html block is rendered with HTML autoescaping, the others as 
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from router.channels.base import ChannelConfigBase
 from router.errors import ConfigError, RenderError
+from router.imm import VIEW_KEYS
+from router.opsfile import did_you_mean
 
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2")
 SEVERITY_ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
@@ -46,12 +49,39 @@ def humanize_duration(seconds: Any) -> str:
 
 
 def oss_console_url(uri: Any, region: Any = None) -> str:
-    """``oss://bucket/key`` → the OSS console page of that object (the URI itself if it is not OSS)."""
-    if not isinstance(uri, str) or not uri.startswith("oss://"):
-        return "" if uri is None else str(uri)
-    bucket, _, key = uri[len("oss://") :].partition("/")
-    region_part = f"oss-{region}" if region else "oss-cn-hangzhou"
-    return f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket)}/object?path={quote(key, safe='')}"
+    """Where a link to ``uri`` may point: the OSS console page of an ``oss://bucket/key`` object, an
+    http(s) URI itself, or "" (no link) for anything else (``javascript:``, ``data:``, a bare path)."""
+    if not isinstance(uri, str):
+        return ""
+    if uri.startswith("oss://"):
+        bucket, _, key = uri[len("oss://") :].partition("/")
+        region_part = quote(f"oss-{region}" if region else "oss-cn-hangzhou", safe="")
+        return (
+            f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket, safe='')}/object"
+            f"?path={quote(key, safe='')}"
+        )
+    parts = urlsplit(uri)
+    if parts.scheme.lower() in ("http", "https") and parts.netloc:
+        # Percent-encode what could end a markdown link target or an HTML attribute: ( ) < > " ' space.
+        return quote(uri, safe="/:?#[]@!$&*+,;=%~")
+    return ""
+
+
+# Inline markdown a one-line value could start: emphasis, code, links and images, HTML and entities, strikethrough.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>~|&])")
+
+
+def markdown_text(value: Any) -> str:
+    """An event value as literal text in DingTalk markdown: one line (no forged headings or list items),
+    markdown punctuation backslash-escaped, and ``@`` full-width so that it can look like no mention."""
+    text = "" if value is None else " ".join(str(value).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("@", "\uff20")
+
+
+def markdown_code(value: Any) -> str:
+    """An event value as a markdown code span (backticks included) that it cannot break out of."""
+    text = "" if value is None else " ".join(str(value).split())
+    return "`" + text.replace("`", "'").replace("@", "\uff20") + "`"
 
 
 def to_json(value: Any, indent: bool = False) -> str:
@@ -79,6 +109,7 @@ class TemplateSet:
         # name → the template and its ancestors (``{% extends %}``), child first.
         self.text: dict[str, list[Template]] = {}
         self.html: dict[str, list[Template]] = {}
+        self._ast: dict[str, nodes.Template] = {}  # name → parsed source, for the checks at load
         problems = []
         for name in self.names():
             try:
@@ -118,7 +149,8 @@ class TemplateSet:
                 raise ConfigError("templates extend each other in a loop; break the cycle", path=str(self.dir / name))
             chain.append(env.get_template(current))
             source = env.loader.get_source(env, current)[0] if env.loader else ""
-            extends = list(env.parse(source).find_all(nodes.Extends))
+            ast = self._ast[current] = env.parse(source)
+            extends = list(ast.find_all(nodes.Extends))
             if not extends:
                 current = None
             elif isinstance(extends[0].template, nodes.Const) and isinstance(extends[0].template.value, str):
@@ -145,6 +177,8 @@ class TemplateSet:
             localtime=self.localtime,
             duration=humanize_duration,
             oss_console=oss_console_url,
+            md=markdown_text,
+            md_code=markdown_code,
             json=to_json,
             clip=clip,
         )
@@ -152,17 +186,22 @@ class TemplateSet:
         return env
 
     def localtime(self, value: Any, fmt: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
-        """A datetime or ISO string shown in the configured time zone."""
+        """A datetime or ISO string shown in the configured time zone; the raw value when it cannot be
+        (``9999-12-31T23:59:59``, a common "never", overflows in any zone east of UTC)."""
         if value is None or value == "":
             return ""
+        raw = str(value)
         if isinstance(value, str):
             try:
                 value = datetime.fromisoformat(value)
             except ValueError:
-                return str(value)
+                return raw
         if not isinstance(value, datetime):
-            return str(value)
-        return str(value.astimezone(self.zone).strftime(fmt))
+            return raw
+        try:
+            return str(value.astimezone(self.zone).strftime(fmt))
+        except (OverflowError, ValueError, OSError):
+            return raw
 
     def blocks(self, name: str) -> frozenset[str]:
         return frozenset(block for template in self.text[name] for block in template.blocks)
@@ -178,6 +217,38 @@ class TemplateSet:
                 f"{getattr(channel, 'type', '')} channel needs; add {{% block {missing[0]} %}}…{{% endblock %}}"
             )
         return None
+
+    def undefined_names(self, name: str, context: frozenset[str]) -> list[str]:
+        """``file:line: …`` for each name template ``name`` (and what it extends) uses that a render with
+        ``context`` does not define, and each ``imm.<key>`` the view does not have: under StrictUndefined
+        either fails every render that reaches it. Found from the parsed source, so every branch counts."""
+        known = context | frozenset(self.text_env.globals)
+        problems = []
+        for template in self.text[name]:
+            assert template.name is not None
+            ast, where = self._ast[template.name], self.dir / template.name
+            for missing in sorted(meta.find_undeclared_variables(ast) - known):
+                line = next(n.lineno for n in ast.find_all(nodes.Name) if n.name == missing and n.ctx == "load")
+                hint = did_you_mean(missing, known) or f"; a {name!r} render has: {', '.join(sorted(context))}"
+                problems.append(f"{where}:{line}: template {name!r}: {missing!r} is not defined{hint}")
+            if "imm" in context:
+                for line, key in _unknown_view_keys(ast):
+                    hint = did_you_mean(key, VIEW_KEYS) or f"; imm has: {', '.join(sorted(VIEW_KEYS))}"
+                    problems.append(f"{where}:{line}: template {name!r}: imm.{key} is not a key of the imm view{hint}")
+        return list(dict.fromkeys(problems))
+
+    def location(self, exc: BaseException) -> tuple[Path, int] | None:
+        """The template file and line where a render error was raised (its innermost template frame)."""
+        by_file = {t.filename: t for chain in self.text.values() for t in chain if t.filename}
+        by_file |= {t.filename: t for chain in self.html.values() for t in chain if t.filename}
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            template = by_file.get(tb.tb_frame.f_code.co_filename)
+            if template is not None and template.name is not None:
+                found = (self.dir / template.name, template.get_corresponding_lineno(tb.tb_lineno))
+            tb = tb.tb_next
+        return found
 
     def render_parts(self, name: str, wanted: tuple[str, ...], context: Mapping[str, Any]) -> dict[str, str]:
         """Render the named blocks that the template defines."""
@@ -206,3 +277,29 @@ class TemplateSet:
             for block, render in ancestor.blocks.items():
                 context.blocks.setdefault(block, []).append(render)
         return context
+
+
+def _unknown_view_keys(ast: nodes.Template) -> list[tuple[int, str]]:
+    """(line, key) of ``imm.key`` / ``imm['key']`` reads of keys the view lacks, except under a
+    ``default`` filter or a ``defined`` test (which handle the undefined value)."""
+    found = []
+    stack: list[tuple[nodes.Node, nodes.Node | None]] = [(ast, None)]
+    while stack:
+        node, parent = stack.pop()
+        stack.extend((child, node) for child in node.iter_child_nodes())
+        key = None
+        if isinstance(node, nodes.Getattr):
+            key = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            key = node.arg.value
+        if key is None or key in VIEW_KEYS:
+            continue
+        target = node.node  # type: ignore[attr-defined]
+        if not (isinstance(target, nodes.Name) and target.name == "imm" and target.ctx == "load"):
+            continue
+        guarded = (isinstance(parent, nodes.Filter) and parent.name in ("default", "d")) or (
+            isinstance(parent, nodes.Test) and parent.name in ("defined", "undefined")
+        )
+        if not guarded:
+            found.append((node.lineno, key))
+    return sorted(found)

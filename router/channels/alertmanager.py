@@ -15,14 +15,13 @@ import re
 import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, Frozen, PayloadMeta, Scrubber
+from router.channels.base import ChannelConfigBase, Frozen, PayloadMeta, PemFile, Scrubber, tls_context
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
 from router.notification import Notification
@@ -44,16 +43,18 @@ class BasicAuth(Frozen):
 
 
 class TlsOptions(Frozen):
-    ca_file: Path | None = Field(default=None, description="CA bundle that signed the Alertmanagers' certificates")
-    cert_file: Path | None = Field(default=None, description="client certificate (mutual TLS)")
-    key_file: Path | None = None
+    ca_file: PemFile | None = Field(default=None, description="CA bundle that signed the Alertmanagers' certificates")
+    cert_file: PemFile | None = Field(default=None, description="client certificate (mutual TLS)")
+    key_file: PemFile | None = None
     verify: bool = Field(default=True, description="verify the server certificate (keep it on)")
 
+    @model_validator(mode="after")
+    def _files_load(self) -> TlsOptions:
+        self.context()  # checked at load: ValueError naming the file that is not PEM of the right kind
+        return self
+
     def context(self) -> ssl.SSLContext:
-        """Raises OSError / ssl.SSLError when a file cannot be read."""
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        if self.cert_file:
-            context.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        context = tls_context(self.ca_file, self.cert_file, self.key_file)
         if not self.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -168,8 +169,8 @@ class AlertmanagerChannel:
         if self._http is None:
             try:
                 context = self.config.tls.context() if any(b.scheme == "https" for b in self._bases) else None
-            except (OSError, ssl.SSLError) as exc:
-                raise DeliveryError(f"cannot load the TLS files: {exc}", retriable=False, channel=self.name) from None
+            except ValueError as exc:  # a TLS file changed since the config was loaded
+                raise DeliveryError(str(exc), retriable=False, channel=self.name) from None
             scrub = Scrubber((*self.config.secret_values(), self._headers.get("Authorization", "")))
             self._http = HttpClient(self.name, self.config.timeout_seconds, scrub, tls=context)
         return self._http

@@ -15,7 +15,15 @@ import orjson
 from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, Frozen, PayloadMeta, RateLimit, Scrubber, one_line
+from router.channels.base import (
+    ChannelConfigBase,
+    Frozen,
+    PayloadMeta,
+    RateLimit,
+    Scrubber,
+    check_http_url,
+    one_line,
+)
 from router.channels.http import Answer, HttpClient
 from router.errors import DeliveryError
 from router.notification import Notification
@@ -30,7 +38,10 @@ RETRIABLE_ERRCODES = frozenset({130101, 410100, -1})
 
 
 def _has_token(url: SecretStr | None) -> SecretStr | None:
-    if url is not None and not dict(parse_qsl(urlsplit(url.get_secret_value()).query)).get("access_token"):
+    if url is None:
+        return url
+    check_http_url(url)
+    if not dict(parse_qsl(urlsplit(url.get_secret_value()).query)).get("access_token"):
         raise ValueError("url must carry ?access_token=… (the robot's webhook address)")
     return url
 

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import orjson
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, check_http_url, header_value
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
 from router.notification import Notification
@@ -28,6 +28,8 @@ class WebhookConfig(ChannelConfigBase):
         default="X-IMM-Signature", description='"sha256=" + hex HMAC-SHA256 of the exact body bytes'
     )
 
+    _url_usable = field_validator("url")(check_http_url)
+
     def validated_url(self) -> str:
         return str(AnyHttpUrl(self.url.get_secret_value()))
 
@@ -37,7 +39,7 @@ class WebhookConfig(ChannelConfigBase):
         except orjson.JSONDecodeError as exc:
             raise RenderError(f"webhook body is not valid JSON: {exc}") from exc
         headers = {"Content-Type": "application/json", **self.headers}
-        headers |= {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule}
+        headers |= {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)}
         return {"method": "POST", "headers": headers, "body": body}
 
 
