@@ -17,6 +17,7 @@ import pytest
 
 from router.channels.base import Channel
 from router.decode import decode_object
+from router.delivery.pipeline import Delivery
 from router.engine import Engine, load
 from router.errors import DeliveryError
 from router.metrics import Metrics
@@ -100,6 +101,16 @@ def failed_event(
             "Message": "源文件无法解码 / the source cannot be decoded",
         },
     }
+
+
+async def arriving_over_a_minute(clock: VirtualClock, delivery: Delivery, batch: list[Notification]) -> list[str]:
+    """Deliver ``batch`` with its arrivals spread evenly over a (virtual) minute; the outcomes."""
+
+    async def arrive(index: int) -> str:
+        await clock.sleep(index * 60 / len(batch))
+        return await delivery.deliver(batch[index])
+
+    return await asyncio.gather(*(arrive(i) for i in range(len(batch))))
 
 
 def task_id(index: int) -> str:

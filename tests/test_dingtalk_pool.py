@@ -21,7 +21,15 @@ from router.delivery.pipeline import Delivery, DeliveryFailed
 from router.embedded.dingtalk import FakeDingTalk
 from router.errors import ConfigError
 from router.metrics import Metrics
-from tests.test_delivery_support import VirtualClock, counted, failed_event, make_engine, notifications, task_id
+from tests.test_delivery_support import (
+    VirtualClock,
+    arriving_over_a_minute,
+    counted,
+    failed_event,
+    make_engine,
+    notifications,
+    task_id,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,12 +56,8 @@ async def test_100_alerts_in_a_minute_over_3_robots_none_over_its_limit(tmp_path
         metrics = Metrics()
         delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
 
-        async def arrive(index: int) -> str:
-            await clock.sleep(index * 60 / EVENTS)  # spread over the minute
-            return await delivery.deliver(batch[index])
-
         try:
-            outcomes = await asyncio.gather(*(arrive(i) for i in range(EVENTS)))
+            outcomes = await arriving_over_a_minute(clock, delivery, batch)
         finally:
             await delivery.close(1)
     accepted = server.accepted.items

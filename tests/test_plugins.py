@@ -125,8 +125,8 @@ async def test_retries_and_rate_limits_apply_to_a_plugin_channel(
 def test_a_plugin_config_is_validated_like_a_built_in_one(file_plugin: None, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         make_engine(tmp_path, {"out": {"type": "file", "pathh": "x"}})
-    assert "channels.out.file.path: required key is missing" in str(caught.value)
-    assert "channels.out.file.pathh: unknown key" in str(caught.value)
+    assert "router.yaml:1: channels.out.path: required key is missing" in str(caught.value)
+    assert "channels.out.pathh: unknown key; did you mean 'path'?" in str(caught.value)
 
 
 def test_check_lists_the_channel_types_and_where_they_come_from(

@@ -9,8 +9,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 
@@ -131,16 +130,7 @@ class Alertmanager(_Child):
         return found
 
     async def stop(self, grace: float = 5.0) -> None:
-        await self._reap(grace)
+        await super().stop(grace)
         state, self._dir = self._dir, None
         if state is not None:
             shutil.rmtree(state, ignore_errors=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
