@@ -19,10 +19,21 @@ from router.channels.alertmanager import BasicAuth
 from router.channels.base import Channel
 from router.config import KafkaSettings
 from router.embedded.alertmanager import Alertmanager
+from router.embedded.broker import TansuBroker
 from router.embedded.webhook import WebhookCapture
 from router.errors import ConfigError
 from router.notification import Notification
-from tests.test_delivery_support import ROOT, failed_event, make_engine, notifications, send_all, send_failing, task_id
+from tests.test_delivery_support import (
+    ROOT,
+    counted,
+    failed_event,
+    make_engine,
+    notifications,
+    send_all,
+    send_failing,
+    task_id,
+)
+from tests.test_service import config, failed_task, kafka_only_rules, produce, running, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,6 +99,27 @@ async def test_template_blocks_and_rule_labels(tmp_path: Path, alertmanager_fact
     assert alert["annotations"]["runbook_url"] == "https://runbooks.example/imm"
     assert "none" not in alert["annotations"]
     assert alert["generatorURL"] == "https://console.example/imm/test_project"
+
+
+async def test_imm_events_through_the_router_service_appear_in_alertmanager(
+    tmp_path: Path, alertmanager_factory: AmFactory, tansu: TansuBroker, unique_topic: Any
+) -> None:
+    server = await alertmanager_factory()
+    topic = unique_topic("events")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "alertmanager/alert.j2", "am"),
+        channels={"am": {"type": "alertmanager", "url": server.url}},
+    )
+    async with running(path) as service:
+        await produce(tansu.bootstrap_servers, topic, [(failed_task(f"am-{i}"), []) for i in range(2)])
+        await wait_until(lambda: counted(service.metrics, "notifications_sent", "am") == 2, what="2 alerts sent")
+    # Equal labels are one alert in Alertmanager: the second event refreshed the first.
+    (alert,) = await server.alerts(alertname="any-failure")
+    assert alert["labels"]["project"] == "p" and alert["labels"]["error_code"] == "InvalidArgument"
+    assert alert["status"]["state"] == "active" and "am-" in alert["annotations"]["summary"]
 
 
 async def test_silence_in_alertmanager_suppresses_staging(tmp_path: Path, alertmanager_factory: AmFactory) -> None:
