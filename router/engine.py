@@ -16,6 +16,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from router.channels.base import ChannelConfigBase, PayloadMeta
+from router.channels.registry import channel_types
 from router.config import Settings, load_settings
 from router.decode import Event, Limits, decode_object
 from router.errors import ConfigError, RenderError
@@ -301,7 +302,8 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
     problems, warnings = _check_templates(engine)
     if problems:
         raise ConfigError("\n".join(problems))
-    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings])
+    plugins = [f"plugin not loaded: {problem}" for problem in channel_types()[1]]
+    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings, *plugins])
 
 
 def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:

@@ -183,16 +183,19 @@ async def test_broken_plugins_are_reported_and_built_in_channels_still_work(
     async with WebhookCapture() as hook:
         engine = make_engine(tmp_path, {"hook": {"type": "webhook", "url": f"{hook.url}/h"}})
         assert main(["check", "--config", str(tmp_path / "router.yaml")]) == 0
+        shown = capsys.readouterr()
+        assert main(["check", "--strict", "--config", str(tmp_path / "router.yaml")]) == 2
         delivery = Delivery(engine, {}, Metrics())
         try:
             assert await delivery.deliver(notifications(engine, [failed_event(1)])[0]) == "sent"
         finally:
             await delivery.close(1)
-    shown = capsys.readouterr().out
     for kind, (_, reason) in BROKEN.items():
-        line = next(line for line in shown.splitlines() if f"channel type {kind!r}" in line)
-        assert line.startswith("  plugin not loaded:") and "package imm-router-broken 0.1" in line and reason in line
-    assert "channel types: alertmanager, dingtalk, email, kafka, webhook (built in)" in shown
+        line = next(line for line in shown.err.splitlines() if f"channel type {kind!r}" in line)
+        assert line.startswith("warning: plugin not loaded:") and "package imm-router-broken 0.1" in line
+        assert reason in line
+    assert "config OK" in shown.out and "(4 warning(s) above)" in shown.out
+    assert "channel types: alertmanager, dingtalk, email, kafka, webhook (built in)" in shown.out
 
 
 def test_a_channel_of_a_broken_plugin_names_the_package(broken_plugins: Path, tmp_path: Path) -> None:
