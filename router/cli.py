@@ -16,7 +16,7 @@ from router import __version__
 from router.channels.registry import BUILT_IN, channel_types
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import Engine, digest_context, group_context, group_facts, load, summary_line
+from router.engine import Engine, digest_context, group_context, group_facts, load, rule_doc, summary_line
 from router.errors import ConfigError, DecodeError, RouterError
 from router.notification import Notification
 from router.render import TemplateSet
@@ -143,7 +143,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             contexts = [digest_context("render", alerts)]
         else:
             times = sorted(e.time.isoformat() for e in events) or [""]
-            facts = group_facts("group", {}, args.rule, args.severity, times[0], times[-1], 1, 1, 1)
+            facts = group_facts("group", {}, rule_doc(None, args.rule, args.severity), times[0], times[-1], 1, 1, 1)
             contexts = [group_context("render", alerts, facts, limit=len(alerts))]
     else:
         contexts = [
@@ -152,7 +152,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 "data": event.data,
                 "imm": event.view,
                 "channel": "render",
-                "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
+                "rule": rule_doc(None, args.rule, args.severity),
             }
             for event in events
         ]

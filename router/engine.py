@@ -24,7 +24,7 @@ from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
 from router.render import TemplateSet
-from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search, truthy
+from router.rules import Notify, Rule, RuleSet, RuleSpec, compile_expression, load_rules, rule_root, search, truthy
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Engine:
         self.expressions = expressions or {}
         self.intervals = {interval.name: interval for interval in settings.time_intervals}
         self.targets = {(r.name, t.channel, t.template): t for r in rules.rules for t in r.spec.notify}
-        self.severities = {r.name: r.spec.severity for r in rules.rules}
+        self.rule_docs = {r.name: rule_doc(r.spec) for r in rules.rules}
         # rule name → the inhibit rules it is a source of
         self.inhibit_sources: dict[str, list[int]] = {}
         for index, inhibit in enumerate(settings.inhibit_rules):
@@ -98,7 +98,7 @@ class Engine:
             return result
         base = {"event": root["event"], "data": event.data, "imm": event.view}
         for rule in matched:
-            context = {**base, "rule": _rule_doc(rule)}
+            context = {**base, "rule": self.rule_docs[rule.name]}
             for target in rule.spec.notify:
                 try:
                     result.notifications.append(self.render(event, rule, target, context))
@@ -158,8 +158,7 @@ def digest_context(channel_name: str, alerts: Sequence[Notification]) -> dict[st
 def group_facts(
     kind: str,
     group: dict[str, Any],
-    rule: str,
-    severity: str,
+    rule: dict[str, Any],
     first: str,
     last: str,
     part: int,
@@ -171,7 +170,7 @@ def group_facts(
     return {
         "kind": kind,
         "group": group,
-        "rule": {"name": rule, "severity": severity},
+        "rule": rule,
         "first": first,
         "last": last,
         "part": part,
@@ -215,8 +214,10 @@ def summary_line(event: Event, rule: str, severity: str) -> str:
     return " ".join(bits)
 
 
-def _rule_doc(rule: Rule) -> dict[str, Any]:
-    spec = rule.spec
+def rule_doc(spec: RuleSpec | None, name: str = "", severity: str = "warning") -> dict[str, Any]:
+    """What templates see as ``rule``; without a spec (a rule gone after a reload, ``render``), a bare one."""
+    if spec is None:
+        return {"name": name, "description": "", "severity": severity, "labels": {}}
     return {"name": spec.name, "description": spec.description, "severity": spec.severity, "labels": spec.labels}
 
 
@@ -352,7 +353,8 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
                 except (JMESPathError, TypeError, ValueError):
                     continue
                 roots.setdefault(rule.name, root)
-                context = {"event": root["event"], "data": event.data, "imm": event.view, "rule": _rule_doc(rule)}
+                rule_context = {"rule": engine.rule_docs[rule.name]}
+                context = {"event": root["event"], "data": event.data, "imm": event.view, **rule_context}
                 for target in rule.spec.notify:
                     key = (target.channel, target.template, label)
                     if key not in rendered:
@@ -371,8 +373,7 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
             facts = group_facts(
                 "group" if target.group_by is not None else "throttle",
                 dict(zip(keys, engine.values(keys, roots.get(rule.name, {})), strict=True)),
-                rule.name,
-                rule.spec.severity,
+                engine.rule_docs[rule.name],
                 "2026-01-01T00:00:00+00:00",
                 "2026-01-01T00:05:00+00:00",
                 1,

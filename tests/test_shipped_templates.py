@@ -130,7 +130,7 @@ def test_group_and_digest_templates_render_lists_of_every_shape(engine: Engine) 
     facts = {
         "kind": "group",
         "group": {"imm.project": None, "imm.error_code": "E"},
-        "rule": {"name": "r", "severity": "critical"},
+        "rule": engine.rule_docs[engine.rules.rules[0].name],
         "first": "2026-11-02T10:00:00+00:00",
         "last": "2026-11-02T10:05:00+00:00",
         "part": 1,

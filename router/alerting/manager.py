@@ -30,7 +30,7 @@ from router.alerting.inhibit import InhibitionLog
 from router.alerting.timing import active
 from router.delivery.dedup import DedupMemory
 from router.delivery.pipeline import Delivery, DeliveryFailed
-from router.engine import Engine, group_facts, group_template
+from router.engine import Engine, group_facts, group_template, rule_doc
 from router.errors import RenderError
 from router.metrics import Metrics
 from router.notification import Notification
@@ -461,8 +461,7 @@ class Manager:
         facts = group_facts(
             bucket.kind,
             bucket.labels,
-            bucket.rule,
-            self.engine.severities.get(bucket.rule, "warning"),
+            self.engine.rule_docs.get(bucket.rule) or rule_doc(None, bucket.rule),
             datetime.fromtimestamp(first, UTC).isoformat(),
             datetime.fromtimestamp(last, UTC).isoformat(),
             part + 1,
