@@ -15,7 +15,15 @@ import orjson
 from router import __version__
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import Engine, digest_context, group_context, group_facts, load, summary_line
+from router.engine import (
+    Engine,
+    digest_context,
+    event_context,
+    group_context,
+    group_facts,
+    load,
+    summary_line,
+)
 from router.errors import ConfigError, DecodeError, RouterError
 from router.notification import Notification
 from router.render import TemplateSet
@@ -139,16 +147,8 @@ def cmd_render(args: argparse.Namespace) -> int:
             facts = group_facts("group", {}, args.rule, args.severity, times[0], times[-1], 1, 1, 1)
             contexts = [group_context("render", alerts, facts, limit=len(alerts))]
     else:
-        contexts = [
-            {
-                "event": event.event_doc(),
-                "data": event.data,
-                "imm": event.view,
-                "channel": "render",
-                "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
-            }
-            for event in events
-        ]
+        rule = {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}}
+        contexts = [event_context(e, e.event_doc(), rule) | {"channel": "render"} for e in events]
     blocks = tuple(sorted(templates.blocks(args.template)))
     for context in contexts:
         for block, text in templates.render_parts(args.template, blocks, context).items():

@@ -11,6 +11,7 @@ Two indexes, both built at load:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import itertools
@@ -234,6 +235,10 @@ class RuleSet:
     def __post_init__(self) -> None:
         self._implied = {id(r): implied_values(r.expression.parsed) for r in self.rules}
 
+    def implied(self, rule: Rule) -> dict[PathKey, frozenset[str]]:
+        """The paths whose value must be one of these strings for ``rule`` to match (see implied_values)."""
+        return self._implied[id(rule)]
+
     def plan(self, event_type: str) -> _Plan:
         plan = self._plans.get(event_type)
         if plan is None:
@@ -329,13 +334,17 @@ def compile_expression(text: str, *, what: str, path: str | None = None, line: i
             line=line,
         ) from None
     parsed: dict[str, Any] = expression.parsed  # type: ignore[assignment]
-    problem = _depth_problem(parsed) or _function_problem(parsed)
+    found = _nodes(parsed)
+    problem = _depth_problem(found) or _function_problem(found)
     if problem:
         raise ConfigError(f"{what}: {problem}", path=path, line=line)
     return expression
 
 
-def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
+Nodes = list[tuple[dict[str, Any], int, bool]]
+
+
+def _nodes(root: dict[str, Any]) -> Nodes:
     """Every node of a parsed expression with its depth and whether it reads the rule root (iterative:
     the tree may be deeper than Python's recursion limit)."""
     found = []
@@ -353,8 +362,8 @@ def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
     return found
 
 
-def _depth_problem(root: dict[str, Any]) -> str | None:
-    depth = max(d for _, d, _ in _nodes(root))
+def _depth_problem(found: Nodes) -> str | None:
+    depth = max(d for _, d, _ in found)
     if depth <= MAX_EXPRESSION_DEPTH:
         return None
     return (
@@ -363,9 +372,9 @@ def _depth_problem(root: dict[str, Any]) -> str | None:
     )
 
 
-def _function_problem(root: dict[str, Any]) -> str | None:
+def _function_problem(found: Nodes) -> str | None:
     table = _FUNCTIONS.FUNCTION_TABLE
-    for node, _, _ in _nodes(root):
+    for node, _, _ in found:
         if node["type"] != "function_expression":
             continue
         name, given = node["value"], len(node["children"])
@@ -391,10 +400,10 @@ def expression_warnings(expression: Any) -> list[str]:
             problem = _unknown_key(path)
             if problem:
                 found.append(problem)
-    try:
-        tokens = list(Lexer().tokenize(expression.expression))
-    except LexerError:  # it compiled, so it lexes; nothing to add otherwise
-        tokens = []
+    tokens = []
+    if '"' in expression.expression:
+        with contextlib.suppress(LexerError):  # it compiled, so it lexes
+            tokens = list(Lexer().tokenize(expression.expression))
     for before, token in itertools.pairwise(tokens):
         if token["type"] == "quoted_identifier" and before["type"] in _COMPARATORS:
             found.append(
