@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from router.service import replay
+    from router.sources.replay import replay
 
     return asyncio.run(replay(args.config, source=args.file, match=args.match, dry_run=args.dry_run, limit=args.limit))
 

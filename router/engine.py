@@ -23,7 +23,17 @@ from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
 from router.render import TemplateSet
-from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search, truthy
+from router.rules import (
+    EVAL_ERRORS,
+    Notify,
+    Rule,
+    RuleSet,
+    compile_expression,
+    load_rules,
+    rule_root,
+    search,
+    truthy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +371,7 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
                 try:
                     if not truthy(search(rule.expression, fitted_root)):
                         continue
-                except (JMESPathError, TypeError, ValueError):
+                except EVAL_ERRORS:
                     continue
                 roots.setdefault(rule.name, fitted_root)
                 context = event_context(fitted, fitted_root["event"], _rule_doc(rule))

@@ -7,12 +7,13 @@ webhook: body. The html block is rendered with HTML autoescaping, the others as 
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
@@ -48,12 +49,39 @@ def humanize_duration(seconds: Any) -> str:
 
 
 def oss_console_url(uri: Any, region: Any = None) -> str:
-    """``oss://bucket/key`` → the OSS console page of that object (the URI itself if it is not OSS)."""
-    if not isinstance(uri, str) or not uri.startswith("oss://"):
-        return "" if uri is None else str(uri)
-    bucket, _, key = uri[len("oss://") :].partition("/")
-    region_part = f"oss-{region}" if region else "oss-cn-hangzhou"
-    return f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket)}/object?path={quote(key, safe='')}"
+    """Where a link to ``uri`` may point: the OSS console page of an ``oss://bucket/key`` object, an
+    http(s) URI itself, or "" (no link) for anything else (``javascript:``, ``data:``, a bare path)."""
+    if not isinstance(uri, str):
+        return ""
+    if uri.startswith("oss://"):
+        bucket, _, key = uri[len("oss://") :].partition("/")
+        region_part = quote(f"oss-{region}" if region else "oss-cn-hangzhou", safe="")
+        return (
+            f"https://oss.console.aliyun.com/bucket/{region_part}/{quote(bucket, safe='')}/object"
+            f"?path={quote(key, safe='')}"
+        )
+    parts = urlsplit(uri)
+    if parts.scheme.lower() in ("http", "https") and parts.netloc:
+        # Percent-encode what could end a markdown link target or an HTML attribute: ( ) < > " ' space.
+        return quote(uri, safe="/:?#[]@!$&*+,;=%~")
+    return ""
+
+
+# Inline markdown a one-line value could start: emphasis, code, links and images, HTML and entities, strikethrough.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>~|&])")
+
+
+def markdown_text(value: Any) -> str:
+    """An event value as literal text in DingTalk markdown: one line (no forged headings or list items),
+    markdown punctuation backslash-escaped, and ``@`` full-width so that it can look like no mention."""
+    text = "" if value is None else " ".join(str(value).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("@", "\uff20")
+
+
+def markdown_code(value: Any) -> str:
+    """An event value as a markdown code span (backticks included) that it cannot break out of."""
+    text = "" if value is None else " ".join(str(value).split())
+    return "`" + text.replace("`", "'").replace("@", "\uff20") + "`"
 
 
 def to_json(value: Any, indent: bool = False) -> str:
@@ -149,6 +177,8 @@ class TemplateSet:
             localtime=self.localtime,
             duration=humanize_duration,
             oss_console=oss_console_url,
+            md=markdown_text,
+            md_code=markdown_code,
             json=to_json,
             clip=clip,
         )
@@ -156,17 +186,22 @@ class TemplateSet:
         return env
 
     def localtime(self, value: Any, fmt: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
-        """A datetime or ISO string shown in the configured time zone."""
+        """A datetime or ISO string shown in the configured time zone; the raw value when it cannot be
+        (``9999-12-31T23:59:59``, a common "never", overflows in any zone east of UTC)."""
         if value is None or value == "":
             return ""
+        raw = str(value)
         if isinstance(value, str):
             try:
                 value = datetime.fromisoformat(value)
             except ValueError:
-                return str(value)
+                return raw
         if not isinstance(value, datetime):
-            return str(value)
-        return str(value.astimezone(self.zone).strftime(fmt))
+            return raw
+        try:
+            return str(value.astimezone(self.zone).strftime(fmt))
+        except (OverflowError, ValueError, OSError):
+            return raw
 
     def blocks(self, name: str) -> frozenset[str]:
         return frozenset(block for template in self.text[name] for block in template.blocks)

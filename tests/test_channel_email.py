@@ -194,3 +194,13 @@ async def test_a_dropped_idle_connection_is_replaced(tmp_path: Path, smtp_tls: T
     finally:
         await channel.close()
     assert len(await smtp_tls.wait_for(2)) == 2
+
+
+async def test_a_newline_in_an_event_id_is_encoded_in_the_header(tmp_path: Path, smtp_plain: SmtpCapture) -> None:
+    engine = make_engine(tmp_path, {"mail": email_config(smtp_plain)})
+    channel = make_channel("mail", engine.settings.channels["mail"], kafka_defaults=KafkaSettings())
+    batch = notifications(engine, [failed_event(1, event_id="evt-1\r\nBcc: victim@evil.test")])
+    await send_all(channel, batch)
+    (received,) = await smtp_plain.wait_for(1)
+    assert received.message["X-IMM-Event-Id"] == "evt-1%0D%0ABcc: victim@evil.test"
+    assert received.message["Bcc"] is None and received.rcpt_tos == ("oncall@example.test", "duty@example.test")

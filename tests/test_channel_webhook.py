@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -143,3 +144,42 @@ def test_an_invalid_url_is_a_config_error_without_the_url(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         make_channel("hook", settings.channels["hook"], kafka_defaults=KafkaSettings())
     assert URL_TOKEN not in str(caught.value)
+
+
+INJECTED_ID = "evt-1\r\nX-Injected: yes"
+
+
+async def test_a_newline_in_an_event_id_is_encoded_not_sent_as_a_header(
+    tmp_path: Path, webhook: WebhookCapture
+) -> None:
+    engine = webhook_engine(tmp_path, webhook)
+    channel = make_channel("hook", engine.settings.channels["hook"], kafka_defaults=KafkaSettings())
+    (notification,) = notifications(engine, [failed_event(1, event_id=INJECTED_ID)])
+    try:
+        await channel.send(notification)
+    finally:
+        await channel.close()
+    (request,) = await webhook.wait_for(1)
+    assert request.headers["x-imm-event-id"] == "evt-1%0D%0AX-Injected: yes"
+    assert "x-injected" not in request.headers
+
+
+async def test_a_request_that_can_never_be_sent_is_permanent_and_does_not_open_the_circuit(
+    tmp_path: Path, webhook: WebhookCapture
+) -> None:
+    engine = webhook_engine(tmp_path, webhook, circuit_breaker={"failure_threshold": 1})
+    metrics = Metrics()
+    delivery = Delivery(engine, {}, metrics)
+    good, other = notifications(engine, [failed_event(1), failed_event(2)])
+    payload = {**other.payload, "headers": {**other.payload["headers"], "X-Bad": "a\r\nb"}}
+    unsendable = dataclasses.replace(other, payload=payload)
+    try:
+        with pytest.raises(DeliveryFailed) as caught:
+            await delivery.deliver(unsendable)
+        assert caught.value.attempts == 1 and "cannot be sent" in caught.value.reason
+        assert "permanent" in caught.value.reason
+        assert await delivery.deliver(good) == "sent"
+    finally:
+        await delivery.close(1)
+    assert [r.json()["imm"]["task_id"] for r in webhook.requests] == [task_id(1)]
+    assert counted(metrics, "notifications_failed", "hook") == 1

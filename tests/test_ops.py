@@ -15,11 +15,14 @@ from pathlib import Path
 import aiohttp
 
 from router.config import load_settings
+from router.delivery.pipeline import Delivery
 from router.embedded import free_port
 from router.embedded.broker import TansuBroker
-from router.ops import JsonFormatter, Redactor, fingerprint, secret_values, setup_logging
+from router.engine import load
+from router.ops import JsonFormatter, Redactor, Watcher, fingerprint, secret_values, setup_logging
+from router.service import Service
 from tests.conftest import ROOT
-from tests.test_service import alert_ids, failed_task, produce, start_router
+from tests.test_service import alert_ids, failed_task, produce, start_router, wait_until
 
 
 async def get(url: str) -> tuple[int, str]:
@@ -237,3 +240,56 @@ def test_fingerprint_sees_a_configmap_symlink_swap(tmp_path: Path) -> None:
     assert fingerprint([tmp_path]) != before
     assert all(".." not in name for name, _, _ in before)
     shutil.rmtree(tmp_path / "..v1")
+
+
+def reload_config(path: Path, url: str, when: str = "imm.outcome == 'failed'") -> None:
+    rules = path.parent / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "r.yaml").write_text(
+        json.dumps(
+            {
+                "rules": [
+                    {"name": "r", "when": when, "notify": [{"channel": "hook", "template": "webhook/alert.json.j2"}]}
+                ]
+            }
+        )
+    )
+    doc = {
+        "rules_dir": "rules",
+        "templates_dir": str(ROOT / "templates"),
+        "channels": {"hook": {"type": "webhook", "url": url}},
+    }
+    path.write_text(json.dumps(doc))
+
+
+async def test_a_reload_failing_half_way_changes_nothing_and_the_watcher_keeps_watching(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    reload_config(path, "http://127.0.0.1:9/first")
+    service = Service(load(path), path)
+    service.delivery = Delivery(service.engine, {}, service.metrics)
+    first_engine, first_channel = service.engine, service.delivery.channels["hook"]
+    watcher = asyncio.create_task(Watcher(service, 0.05).run())
+    registry = service.metrics.registry
+
+    def reloads(result: str) -> float:
+        return registry.get_sample_value("imm_router_config_reloads_total", {"result": result}) or 0.0
+
+    try:
+        # Channels that cannot be built (a webhook URL that is no URL), then a `when` deep enough for a
+        # RecursionError: neither may leave the config half-applied or end the watcher.
+        reload_config(path, "not a url at all")
+        await wait_until(lambda: reloads("failed") >= 1, what="the first failed reload")
+        reload_config(path, "http://127.0.0.1:9/second", when="(" * 5000 + "imm.failed" + ")" * 5000)
+        await wait_until(lambda: reloads("failed") >= 2, what="the second failed reload")
+        assert service.engine is first_engine and service.delivery.channels["hook"] is first_channel
+        assert reloads("ok") == 0
+        reload_config(path, "http://127.0.0.1:9/third", when="imm.outcome == 'succeeded'")
+        await wait_until(lambda: reloads("ok") >= 1, what="the valid edit's reload")
+        assert service.engine is not first_engine
+        assert service.engine.rules.rules[0].spec.when == "imm.outcome == 'succeeded'"
+        assert service.delivery.channels["hook"] is not first_channel
+        assert not watcher.done()
+    finally:
+        service.stop()
+        await asyncio.wait_for(watcher, 5)
+        await service.delivery.close(1)

@@ -130,3 +130,17 @@ def test_dingtalk_url_must_carry_a_token_and_is_redacted() -> None:
     url = config.url.get_secret_value()
     assert scrubber(config, kafka_defaults=KafkaSettings())(f"POST {url} failed") == "POST *** failed"
     assert "access_token=T" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("value", "zone"),
+    [
+        ("9999-12-31T23:59:59", "Asia/Shanghai"),
+        ("9999-12-31T23:59:59+00:00", "Asia/Tokyo"),
+        ("0001-01-01T00:00:00", "America/New_York"),
+        ("0001-01-01T00:00:00+14:00", "UTC"),
+    ],
+)
+def test_localtime_of_an_edge_year_falls_back_to_the_raw_string(tmp_path: Path, value: str, zone: str) -> None:
+    ts = templates(tmp_path, {"t.j2": "{% block text %}[{{ t | localtime }}]{% endblock %}"}, zone)
+    assert ts.render_parts("t.j2", ("text",), {"t": value}) == {"text": f"[{value}]"}

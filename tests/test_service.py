@@ -320,9 +320,15 @@ async def test_exhausted_delivery_is_dead_lettered_with_rule_and_channel(
     topic = unique_topic("events")
     webhook.set_statuses([400])
     path = webhook_router(tmp_path, tansu.bootstrap_servers, topic, webhook)
-    async with running(path):
+    async with running(path) as service:
         await produce(tansu.bootstrap_servers, topic, [(failed_task("t-400"), [("k", b"v")])])
         dead = await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
+        registry = service.metrics.registry
+        await wait_until(
+            lambda: bool(registry.get_sample_value("imm_router_dead_letter_records_total", {"reason": "delivery"}))
+        )
+    # Counted once per dead-lettered notification (issue 11, defect 11: it was counted twice).
+    assert registry.get_sample_value("imm_router_notifications_dead_lettered_total", {"channel": "hook"}) == 1
     headers = dict(dead[0].headers)
     assert headers["imm-dlq-rule"] == b"any-failure" and headers["imm-dlq-channel"] == b"hook"
     assert headers["imm-dlq-reason"].startswith(b"delivery: ") and b"400" in headers["imm-dlq-reason"]
@@ -466,7 +472,7 @@ async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, 
 
 
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
-    from router.consumer import PartitionTracker
+    from router.sources.kafka import PartitionTracker
 
     tracker = PartitionTracker()
     for offset in range(10, 15):

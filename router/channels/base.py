@@ -148,6 +148,15 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def header_value(text: str) -> str:
+    """An event's value as one header line: control characters (CR and LF above all) percent-encoded, so
+    an event id can neither inject a header nor make the request impossible to send."""
+    return _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
+
+
 class Scrubber:
     """Replaces secrets in a text with ``***``: library exception texts can carry a URL with its token.
 

@@ -13,7 +13,15 @@ from typing import Any, ClassVar, Literal
 import aiosmtplib
 from pydantic import Field, SecretStr, model_validator
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, PemFile, Scrubber, one_line, tls_context
+from router.channels.base import (
+    ChannelConfigBase,
+    PayloadMeta,
+    PemFile,
+    Scrubber,
+    header_value,
+    one_line,
+    tls_context,
+)
 from router.errors import DeliveryError
 from router.notification import Notification
 
@@ -52,7 +60,7 @@ class EmailConfig(ChannelConfigBase):
             "subject": one_line(parts["subject"]),
             "text": parts["text"],
             "html": parts.get("html") or None,
-            "headers": {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule},
+            "headers": {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)},
         }
 
 

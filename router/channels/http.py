@@ -52,6 +52,11 @@ class HttpClient:
             # An untrusted certificate stays untrusted until someone fixes the config: no retry.
             retriable = not isinstance(exc, aiohttp.ClientConnectorCertificateError)
             raise DeliveryError(self._describe(exc), retriable=retriable, channel=self.channel) from None
+        except (ValueError, TypeError) as exc:
+            # aiohttp refuses the request before sending it (a header with a newline): it never can be sent,
+            # so it is permanent, and does not count against the channel's circuit breaker.
+            message = self.scrub(f"the request cannot be sent: {type(exc).__name__}: {exc}")
+            raise DeliveryError(message, retriable=False, channel=self.channel) from None
 
     async def reachable(self, url: URL) -> str:
         """Open and close a connection (TLS for https, certificate checked); nothing is sent, so a health

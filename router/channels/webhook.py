@@ -11,7 +11,7 @@ import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, check_http_url
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, check_http_url, header_value
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
 from router.notification import Notification
@@ -39,7 +39,7 @@ class WebhookConfig(ChannelConfigBase):
         except orjson.JSONDecodeError as exc:
             raise RenderError(f"webhook body is not valid JSON: {exc}") from exc
         headers = {"Content-Type": "application/json", **self.headers}
-        headers |= {"X-IMM-Event-Id": meta.event_id, "X-IMM-Rule": meta.rule}
+        headers |= {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)}
         return {"method": "POST", "headers": headers, "body": body}
 
 

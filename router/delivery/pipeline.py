@@ -5,10 +5,10 @@ A channel makes one attempt and says whether another could help (DeliveryError.r
 again, holding back and giving up happen here, the same way for every channel. ``Delivery.deliver``
 returns once a notification is settled and raises DeliveryFailed when it is given up.
 
-Metrics, by channel; sent + dead_lettered + duplicates counts every notification that settled:
-sent (delivered, alone or inside a digest), digested (of those, inside a digest), digests_sent,
-failed (failed attempts; a digest counts once), retried, dead_lettered, duplicates, latency (record
-time to delivered) and circuit_open.
+Metrics, by channel: sent (delivered, alone or inside a digest), digested (of those, inside a digest),
+digests_sent, failed (failed attempts; a digest counts once), retried, duplicates, latency (record time to
+delivered) and circuit_open. What is given up (DeliveryFailed) is counted as dead-lettered by whoever
+dead-letters it (the service), once per notification.
 """
 
 from __future__ import annotations
@@ -161,24 +161,34 @@ class Delivery:
         else:
             lane.limiter.configure(rate)  # keep the log: a reload must not reset the window
 
-    def swap_engine(self, engine: Engine) -> None:
+    def channels_for(self, engine: Engine) -> dict[str, Channel]:
+        """The channel objects a swap to ``engine`` needs (new channels, and those whose config changed).
+        Building them is the last step of a reload that can fail (ConfigError); nothing is swapped yet."""
+        settings = engine.settings
+        kafka_changed = settings.kafka != self._engine.settings.kafka
+        return {
+            name: make_channel(name, config, kafka_defaults=settings.kafka)
+            for name, config in settings.channels.items()
+            if name not in self._lanes or kafka_changed or config != self._lanes[name].config
+        }
+
+    def swap_engine(self, engine: Engine, fresh: Mapping[str, Channel] | None = None) -> None:
         """Hot reload: new templates and rules apply to what is delivered from now on (digests still held
-        are rendered with the new digest templates); a channel whose config changed gets a new channel
-        object, the old one is closed once its attempts in flight are done; a removed channel's held
-        notifications fail."""
-        old_kafka = self._engine.settings.kafka
+        are rendered with the new digest templates); a channel whose config changed gets its new channel
+        object from ``fresh`` (``channels_for(engine)``), the old one is closed once its attempts in flight
+        are done; a removed channel's held notifications fail. Nothing here can fail half-way."""
+        fresh = self.channels_for(engine) if fresh is None else fresh
         self._engine = engine
         settings = engine.settings
         self._dedup.configure(settings.service.dedup_ttl_seconds, settings.service.dedup_max_entries)
         for name, config in settings.channels.items():
             lane = self._lanes.get(name)
             if lane is None:
-                channel = make_channel(name, config, kafka_defaults=settings.kafka)
-                self._lanes[name] = self._new_lane(name, config, channel)
+                self._lanes[name] = self._new_lane(name, config, fresh[name])
                 continue
-            if config != lane.config or settings.kafka != old_kafka:
+            if name in fresh:
                 self._retire(lane.endpoint)
-                lane.endpoint = _Endpoint(make_channel(name, config, kafka_defaults=settings.kafka))
+                lane.endpoint = _Endpoint(fresh[name])
             self._configure(lane, config)
         for name in set(self._lanes) - set(settings.channels):
             lane = self._lanes.pop(name)
@@ -352,9 +362,7 @@ class Delivery:
             self._dedup.mark(job.notification.dedup_key)
 
     def _given_up(self, job: _Job, reason: str) -> DeliveryFailed:
-        n = job.notification
-        self.metrics.dead_lettered.labels(n.channel).inc()
-        failed = DeliveryFailed(n, reason, job.attempts)
+        failed = DeliveryFailed(job.notification, reason, job.attempts)
         log.warning("%s", failed)
         return failed
 
