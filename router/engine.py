@@ -347,15 +347,16 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
             failures.setdefault(f"{where}{exc}", []).append(what)
             return None
 
-    examples = {  # event type → (label, event, rule root)
+    examples = {  # event type → (label, shape, event, rule root)
         event_type: [
-            (f"{event_type} ({kind})", event, rule_root(event))
+            (f"{event_type} ({kind})", _shape(event, kind), event, rule_root(event))
             for kind, data in example_payloads(event_type).items()
             for event in [example_event(event_type, data)]
         ]
         for event_type in sorted(KNOWN_EVENT_TYPES)
     }
-    rendered: dict[tuple[str, str, str], Notification] = {}  # (channel, template, example) → its alert
+    # (channel, template, shape) → its alert: one render per payload shape, not per task type
+    rendered: dict[tuple[str, str, str], Notification] = {}
     roots: dict[str, dict[str, Any]] = {}  # rule → the root of its first example, for group keys
     types: dict[tuple[str, ...] | None, list[str]] = {}  # events patterns → the example types they take
     for rule in engine.rules.rules:
@@ -363,8 +364,8 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
         if patterns not in types:
             types[patterns] = [t for t in examples if rule.applies_to(t)]
         for event_type in types[patterns]:
-            for label, event, root in examples[event_type]:
-                pending = [t for t in rule.spec.notify if (t.channel, t.template, label) not in rendered]
+            for label, shape, event, root in examples[event_type]:
+                pending = [t for t in rule.spec.notify if (t.channel, t.template, shape) not in rendered]
                 if not pending:
                     continue
                 fitted, fitted_root = _fitted(event, root, engine.rules.implied(rule))
@@ -378,7 +379,7 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
                 for target in pending:
                     made = attempt(label, engine.render, fitted, rule, target, context)
                     if made is not None:
-                        rendered[(target.channel, target.template, label)] = made
+                        rendered[(target.channel, target.template, shape)] = made
     alerts: dict[tuple[str, str], list[Notification]] = {}  # (channel, rule) → a few of its alerts
     for (channel_name, _, _), notification in rendered.items():
         alerts.setdefault((channel_name, notification.rule), []).append(notification)
@@ -407,6 +408,13 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
         shown = ", ".join(cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
         warnings.append(f"{failure} (for {shown}); a real event like that would lose its alert")
     return [], warnings
+
+
+def _shape(event: Event, kind: str) -> str:
+    """What tells example payloads apart: their family (imm:Task, imm:FileMeta, …), whether they carry a
+    moderation result, and full or minimal. Task types differ only in their name."""
+    family = event.type.rsplit(":", 1)[0]
+    return f"{family}{'+moderation' if event.view.get('moderation') else ''} ({kind})"
 
 
 def _fitted(

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import orjson
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -227,8 +227,7 @@ class TemplateSet:
         for template in self.text[name]:
             assert template.name is not None
             ast, where = self._ast[template.name], self.dir / template.name
-            for missing in sorted(meta.find_undeclared_variables(ast) - known):
-                line = next(n.lineno for n in ast.find_all(nodes.Name) if n.name == missing and n.ctx == "load")
+            for line, missing in _free_names(ast, known):
                 hint = did_you_mean(missing, known) or f"; a {name!r} render has: {', '.join(sorted(context))}"
                 problems.append(f"{where}:{line}: template {name!r}: {missing!r} is not defined{hint}")
             if "imm" in context:
@@ -277,6 +276,29 @@ class TemplateSet:
             for block, render in ancestor.blocks.items():
                 context.blocks.setdefault(block, []).append(render)
         return context
+
+
+# Names Jinja provides inside loops, blocks, macros and call blocks.
+_JINJA_LOCALS = frozenset({"loop", "self", "super", "caller", "varargs", "kwargs"})
+
+
+def _free_names(ast: nodes.Template, known: frozenset[str]) -> list[tuple[int, str]]:
+    """(first line, name) of each name the template reads but neither defines anywhere in itself (set,
+    for, with, macro, import) nor finds in ``known``. One walk of the tree: cheaper than Jinja's
+    ``meta.find_undeclared_variables``, which compiles the template again."""
+    defined = set(known | _JINJA_LOCALS)
+    read: dict[str, int] = {}
+    for node in ast.find_all((nodes.Name, nodes.Macro, nodes.Import, nodes.FromImport)):
+        if isinstance(node, nodes.Name):
+            if node.ctx == "load":
+                read.setdefault(node.name, node.lineno)
+            else:
+                defined.add(node.name)
+        elif isinstance(node, nodes.Macro | nodes.Import):
+            defined.add(node.name if isinstance(node, nodes.Macro) else node.target)
+        elif isinstance(node, nodes.FromImport):
+            defined.update(n if isinstance(n, str) else n[1] for n in node.names)
+    return sorted((line, name) for name, line in read.items() if name not in defined)
 
 
 def _unknown_view_keys(ast: nodes.Template) -> list[tuple[int, str]]:
