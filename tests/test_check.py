@@ -217,7 +217,9 @@ def test_undefined_template_names_are_errors_at_their_lines(tmp_path: Path) -> N
     templates = tmp_path / "templates"
     (templates / "kafka" / "runbook.json.j2").write_text(
         "{% block key %}{{ imm.task_id }}{% endblock %}\n{% block value %}\n{{ runbook_url }} {{ imm.projct }}\n"
-        "{{ imm.made_up | default('') }}{% if imm.other is defined %}{% endif %}{% endblock %}\n"
+        "{{ imm.made_up | default('') }}{% if imm.other is defined %}{{ imm.other }}{% endif %}\n"
+        "{% if link is defined %}{{ link }}{% endif %}\n"
+        "{% for k in [1] %}{{ loop.index }}{{ k }}{% endfor %}{% endblock %}\n"
     )
     (templates / "digest" / "kafka.j2").write_text(
         "{% block key %}digest{% endblock %}\n{% block value %}{{ total }} {{ count }}{% endblock %}\n"
@@ -242,7 +244,7 @@ def test_undefined_template_names_are_errors_at_their_lines(tmp_path: Path) -> N
     )
     assert f"{templates}/digest/kafka.j2:2: template 'digest/kafka.j2': 'total' is not defined" in err
     assert f"{templates}/group/kafka.j2:2: template 'group/kafka.j2': 'imm' is not defined" in err
-    assert "made_up" not in err and "other" not in err  # guarded by default / is defined
+    assert "made_up" not in err and "other" not in err and "link" not in err  # guarded: default / is defined
 
 
 def test_templates_are_rendered_for_every_event_type_their_rules_take(tmp_path: Path) -> None:
