@@ -341,10 +341,11 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
     def attempt(what: str, render: Callable[..., Any], *args: Any) -> Any:
         try:
             return render(*args)
-        except RenderError as exc:
+        except Exception as exc:  # whatever a render raises is what this check reports
             place = templates.location(exc.__cause__ or exc)
             where = f"{place[0]}:{place[1]}: " if place else ""
-            failures.setdefault(f"{where}{exc}", []).append(what)
+            reason = str(exc) if isinstance(exc, RenderError) else f"{type(exc).__name__}: {exc}"
+            failures.setdefault(f"{where}{reason}", []).append(what)
             return None
 
     examples = {  # event type → (label, shape, event, rule root)

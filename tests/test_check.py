@@ -258,6 +258,10 @@ def test_templates_are_rendered_for_every_event_type_their_rules_take(tmp_path: 
     (templates / "group" / "kafka.j2").write_text(
         "{% block key %}g{% endblock %}\n{% block value %}{{ rule.description }}{% endblock %}\n"
     )
+    # A render that raises anything at all is reported, not a traceback (a recursive macro).
+    (templates / "kafka" / "deep.json.j2").write_text(
+        "{% block value %}{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}\n{{ down(0) }}{% endblock %}\n"
+    )
     # A rule about one project is checked with the example given that project.
     (templates / "kafka" / "prod.json.j2").write_text(
         "{% block key %}k{% endblock %}\n{% block value %}{{ imm.project }}\n{{ data.Files[0].URI }}{% endblock %}\n"
@@ -267,7 +271,9 @@ def test_templates_are_rendered_for_every_event_type_their_rules_take(tmp_path: 
         "rules:\n  - name: stats\n    events: ['imm:Batch:*', 'imm:Trigger:*']\n    when: imm.failed\n    notify:\n"
         "      - {channel: alerts-topic, template: kafka/stats.json.j2, throttle: {key: [imm.project], for: 1m}}\n"
         "  - name: prod\n    events: ['imm:Task:MediaConvert']\n    when: \"imm.project == 'prod' && imm.failed\"\n"
-        "    notify: [{channel: alerts-topic, template: kafka/prod.json.j2}]\n",
+        "    notify: [{channel: alerts-topic, template: kafka/prod.json.j2}]\n"
+        "  - name: deep\n    events: ['imm:Task:MediaConvert']\n    when: imm.failed\n"
+        "    notify: [{channel: alerts-topic, template: kafka/deep.json.j2}]\n",
     )
     status, err = check(config)
     assert status == 0, err
@@ -281,6 +287,7 @@ def test_templates_are_rendered_for_every_event_type_their_rules_take(tmp_path: 
         "imm:Trigger:Notification (minimal)); a real event like that would lose its alert" in err
     )
     assert f"warning: {templates}/group/kafka.j2:2: template 'group/kafka.j2' block 'value':" in err
+    assert f"warning: {templates}/kafka/deep.json.j2:1: RecursionError: maximum recursion depth exceeded" in err
     assert "has no attribute 'description' (for a group of rule stats)" in err
     assert check(config, "--strict")[0] == 2
 
