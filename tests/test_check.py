@@ -3,6 +3,7 @@ refused (exit 2) or warned about, each with file:line and what to fix."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -15,10 +16,13 @@ from tests.conftest import ROOT
 from tests.test_cli import imm_router
 
 
-def config_dir(tmp_path: Path, config: str = "") -> Path:
-    """A copy of the shipped rules and templates with a config of channels they use; ``config`` is appended."""
+def config_dir(tmp_path: Path, config: str = "", templates: dict[str, str] | None = None) -> Path:
+    """A copy of the shipped rules and templates with a config of channels they use; ``config`` is appended,
+    ``templates`` (name → source) are written over the copies."""
     shutil.copytree(ROOT / "rules", tmp_path / "rules")
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    for name, source in (templates or {}).items():
+        (tmp_path / "templates" / name).write_text(source)
     path = tmp_path / "router.yaml"
     path.write_text(
         "channels:\n"
@@ -99,10 +103,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
 )
 def test_a_pathological_when_is_a_config_error_with_its_line(tmp_path: Path, when: str) -> None:
     config = config_dir(tmp_path)
-    (tmp_path / "rules" / "deep.yaml").write_text(
-        f'rules:\n  - name: deep\n    when: "{when}"\n'
-        "    notify: [{channel: alerts-topic, template: kafka/alert.json.j2}]\n"
-    )
+    one_rule(tmp_path, "deep", when)
     for command in ("check", "run"):
         result = imm_router(command, "--config", str(config))
         assert result.returncode == 2, result.stderr
@@ -164,13 +165,19 @@ def add_rule(tmp_path: Path, body: str, name: str = "custom.yaml") -> Path:
     return path
 
 
+def one_rule(tmp_path: Path, name: str, when: str) -> Path:
+    """A rule file of one rule sending to the Kafka channel: its name on line 2, its `when` on line 3."""
+    return add_rule(
+        tmp_path,
+        f"rules:\n  - name: {name}\n    when: {json.dumps(when)}\n"
+        "    notify: [{channel: alerts-topic, template: kafka/alert.json.j2}]\n",
+        f"{name}.yaml",
+    )
+
+
 def test_an_unknown_function_is_an_error_with_a_did_you_mean(tmp_path: Path) -> None:
     config = config_dir(tmp_path)
-    rule = add_rule(
-        tmp_path,
-        "rules:\n  - name: globbed\n    when: \"globb('imm:Task:*', event.type)\"\n"
-        "    notify: [{channel: alerts-topic, template: kafka/alert.json.j2}]\n",
-    )
+    rule = one_rule(tmp_path, "globbed", "globb('imm:Task:*', event.type)")
     status, err = check(config)
     assert status == 2
     assert f"{rule}:3: rule 'globbed': `when`: unknown function globb(); did you mean 'glob()'?" in err
@@ -213,19 +220,20 @@ def test_unknown_keys_and_double_quoted_strings_are_warnings_and_strict_refuses_
 
 
 def test_undefined_template_names_are_errors_at_their_lines(tmp_path: Path) -> None:
-    config = config_dir(tmp_path)
     templates = tmp_path / "templates"
-    (templates / "kafka" / "runbook.json.j2").write_text(
-        "{% block key %}{{ imm.task_id }}{% endblock %}\n{% block value %}\n{{ runbook_url }} {{ imm.projct }}\n"
-        "{{ imm.made_up | default('') }}{% if imm.other is defined %}{{ imm.other }}{% endif %}\n"
-        "{% if link is defined %}{{ link }}{% endif %}\n"
-        "{% for k in [1] %}{{ loop.index }}{{ k }}{% endfor %}{% endblock %}\n"
-    )
-    (templates / "digest" / "kafka.j2").write_text(
-        "{% block key %}digest{% endblock %}\n{% block value %}{{ total }} {{ count }}{% endblock %}\n"
-    )
-    (templates / "group" / "kafka.j2").write_text(
-        "{% block key %}g{% endblock %}\n{% block value %}{{ rule.name }} {{ imm.project }}{% endblock %}\n"
+    config = config_dir(
+        tmp_path,
+        templates={
+            "kafka/runbook.json.j2": "{% block key %}{{ imm.task_id }}{% endblock %}\n{% block value %}\n"
+            "{{ runbook_url }} {{ imm.projct }}\n"
+            "{{ imm.made_up | default('') }}{% if imm.other is defined %}{{ imm.other }}{% endif %}\n"
+            "{% if link is defined %}{{ link }}{% endif %}\n"
+            "{% for k in [1] %}{{ loop.index }}{{ k }}{% endfor %}{% endblock %}\n",
+            "digest/kafka.j2": "{% block key %}digest{% endblock %}\n"
+            "{% block value %}{{ total }} {{ count }}{% endblock %}\n",
+            "group/kafka.j2": "{% block key %}g{% endblock %}\n"
+            "{% block value %}{{ rule.name }} {{ imm.project }}{% endblock %}\n",
+        },
     )
     add_rule(
         tmp_path,
@@ -248,23 +256,21 @@ def test_undefined_template_names_are_errors_at_their_lines(tmp_path: Path) -> N
 
 
 def test_templates_are_rendered_for_every_event_type_their_rules_take(tmp_path: Path) -> None:
-    config = config_dir(tmp_path)
     templates = tmp_path / "templates"
-    (templates / "kafka" / "stats.json.j2").write_text(
-        "{% block key %}{{ imm.task_id }}{% endblock %}\n"
-        "{% block value %}\n{{ data.Statistic.SubmitFailure }}\n{% endblock %}\n"
-    )
-    # Group messages carry the rule's name and severity, not its description.
-    (templates / "group" / "kafka.j2").write_text(
-        "{% block key %}g{% endblock %}\n{% block value %}{{ rule.description }}{% endblock %}\n"
-    )
-    # A render that raises anything at all is reported, not a traceback (a recursive macro).
-    (templates / "kafka" / "deep.json.j2").write_text(
-        "{% block value %}{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}\n{{ down(0) }}{% endblock %}\n"
-    )
-    # A rule about one project is checked with the example given that project.
-    (templates / "kafka" / "prod.json.j2").write_text(
-        "{% block key %}k{% endblock %}\n{% block value %}{{ imm.project }}\n{{ data.Files[0].URI }}{% endblock %}\n"
+    config = config_dir(
+        tmp_path,
+        templates={
+            "kafka/stats.json.j2": "{% block key %}{{ imm.task_id }}{% endblock %}\n"
+            "{% block value %}\n{{ data.Statistic.SubmitFailure }}\n{% endblock %}\n",
+            # Group messages carry the rule's name and severity, not its description.
+            "group/kafka.j2": "{% block key %}g{% endblock %}\n{% block value %}{{ rule.description }}{% endblock %}",
+            # A render that raises anything at all is reported, not a traceback (a recursive macro).
+            "kafka/deep.json.j2": "{% block value %}{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}\n"
+            "{{ down(0) }}{% endblock %}\n",
+            # A rule about one project is checked with the example given that project.
+            "kafka/prod.json.j2": "{% block key %}k{% endblock %}\n"
+            "{% block value %}{{ imm.project }}\n{{ data.Files[0].URI }}{% endblock %}\n",
+        },
     )
     add_rule(
         tmp_path,
@@ -309,11 +315,7 @@ def test_the_shipped_rules_and_templates_are_clean_under_strict(tmp_path: Path) 
 
 def test_route_fails_when_a_rule_cannot_be_evaluated(tmp_path: Path) -> None:
     config = config_dir(tmp_path)
-    rule = add_rule(
-        tmp_path,
-        "rules:\n  - name: broken\n    when: \"starts_with(Status, 'F')\"\n"
-        "    notify: [{channel: alerts-topic, template: kafka/alert.json.j2}]\n",
-    )
+    rule = one_rule(tmp_path, "broken", "starts_with(Status, 'F')")
     event = b'{"TaskType": "MediaConvert", "TaskId": "t1", "Status": 7}'
     result = imm_router("route", "--config", str(config), "-", stdin=event)
     assert result.returncode == 1
@@ -362,11 +364,7 @@ async def test_the_service_logs_the_warnings_at_start_and_on_reload(
     from router.service import Service
 
     config = config_dir(tmp_path)
-    rule = add_rule(
-        tmp_path,
-        "rules:\n  - name: typo\n    when: imm.projct\n"
-        "    notify: [{channel: alerts-topic, template: kafka/alert.json.j2}]\n",
-    )
+    rule = one_rule(tmp_path, "typo", "imm.projct")
     caplog.set_level("WARNING", logger="router.service")
     service = Service(load(config), config)
     warning = f"config: {rule}:3: rule 'typo': imm.projct is not a key of `imm`"
