@@ -16,7 +16,16 @@ from router import __version__
 from router.channels.registry import BUILT_IN, channel_types
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import Engine, digest_context, group_context, group_facts, load, rule_doc, summary_line
+from router.engine import (
+    Engine,
+    digest_context,
+    event_context,
+    group_context,
+    group_facts,
+    load,
+    rule_doc,
+    summary_line,
+)
 from router.errors import ConfigError, DecodeError, RouterError
 from router.notification import Notification
 from router.render import TemplateSet
@@ -146,16 +155,8 @@ def cmd_render(args: argparse.Namespace) -> int:
             facts = group_facts("group", {}, rule_doc(None, args.rule, args.severity), times[0], times[-1], 1, 1, 1)
             contexts = [group_context("render", alerts, facts, limit=len(alerts))]
     else:
-        contexts = [
-            {
-                "event": event.event_doc(),
-                "data": event.data,
-                "imm": event.view,
-                "channel": "render",
-                "rule": rule_doc(None, args.rule, args.severity),
-            }
-            for event in events
-        ]
+        rule = rule_doc(None, args.rule, args.severity)
+        contexts = [event_context(e, e.event_doc(), rule) | {"channel": "render"} for e in events]
     blocks = tuple(sorted(templates.blocks(args.template)))
     for context in contexts:
         for block, text in templates.render_parts(args.template, blocks, context).items():

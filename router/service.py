@@ -487,6 +487,8 @@ class Service:
 
     def _instrumented(self, engine: Engine) -> Engine:
         engine.rules.on_error = lambda rule: self.metrics.rule_errors.labels(rule.name).inc()
+        for warning in engine.warnings:  # what `imm-router check` warns about, at start and on each reload
+            log.warning("config: %s", warning)
         return engine
 
     # --- hot reload -----------------------------------------------------------------------------
