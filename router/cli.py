@@ -13,9 +13,19 @@ from typing import TYPE_CHECKING, Any, TextIO
 import orjson
 
 from router import __version__
+from router.channels.registry import BUILT_IN, channel_types
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import Engine, digest_context, group_context, group_facts, load, summary_line
+from router.engine import (
+    Engine,
+    digest_context,
+    event_context,
+    group_context,
+    group_facts,
+    load,
+    rule_doc,
+    summary_line,
+)
 from router.errors import ConfigError, DecodeError, RouterError
 from router.notification import Notification
 from router.render import TemplateSet
@@ -53,6 +63,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  channels:  {len(settings.channels)}: {kinds or 'none'}")
     print(f"  rules:     {len(engine.rules.rules)} in {len(files)} file(s) under {settings.rules_dir}")
     print(f"  templates: {len(engine.templates.text)} under {settings.templates_dir}")
+    types = channel_types()[0]  # the plugins that could not be loaded are among the warnings
+    built_in = ", ".join(sorted(name for name, t in types.items() if t.origin == BUILT_IN))
+    print(f"  channel types: {built_in} (built in)")
+    for name, kind in sorted(types.items()):
+        if kind.origin != BUILT_IN:
+            print(f"                 {name} (plugin: {kind.origin})")
     if args.live:
         from router.delivery.health import check_live
 
@@ -136,19 +152,11 @@ def cmd_render(args: argparse.Namespace) -> int:
             contexts = [digest_context("render", alerts)]
         else:
             times = sorted(e.time.isoformat() for e in events) or [""]
-            facts = group_facts("group", {}, args.rule, args.severity, times[0], times[-1], 1, 1, 1)
+            facts = group_facts("group", {}, rule_doc(None, args.rule, args.severity), times[0], times[-1], 1, 1, 1)
             contexts = [group_context("render", alerts, facts, limit=len(alerts))]
     else:
-        contexts = [
-            {
-                "event": event.event_doc(),
-                "data": event.data,
-                "imm": event.view,
-                "channel": "render",
-                "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
-            }
-            for event in events
-        ]
+        rule = rule_doc(None, args.rule, args.severity)
+        contexts = [event_context(e, e.event_doc(), rule) | {"channel": "render"} for e in events]
     blocks = tuple(sorted(templates.blocks(args.template)))
     for context in contexts:
         for block, text in templates.render_parts(args.template, blocks, context).items():

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from jmespath.exceptions import JMESPathError
 
 from router.channels.base import ChannelConfigBase, PayloadMeta
+from router.channels.registry import channel_types
 from router.config import Settings, load_settings
 from router.decode import Event, Limits, decode_object
 from router.errors import ConfigError, RenderError
@@ -23,7 +24,18 @@ from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
 from router.render import TemplateSet
-from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search, truthy
+from router.rules import (
+    EVAL_ERRORS,
+    Notify,
+    Rule,
+    RuleSet,
+    RuleSpec,
+    compile_expression,
+    load_rules,
+    rule_root,
+    search,
+    truthy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +84,7 @@ class Engine:
         self.expressions = expressions or {}
         self.intervals = {interval.name: interval for interval in settings.time_intervals}
         self.targets = {(r.name, t.channel, t.template): t for r in rules.rules for t in r.spec.notify}
-        self.severities = {r.name: r.spec.severity for r in rules.rules}
+        self.rule_docs = {r.name: rule_doc(r.spec) for r in rules.rules}
         # rule name → the inhibit rules it is a source of
         self.inhibit_sources: dict[str, list[int]] = {}
         for index, inhibit in enumerate(settings.inhibit_rules):
@@ -95,9 +107,8 @@ class Engine:
         result = RouteResult(matched=[rule.name for rule in matched], root=root)
         if not matched:
             return result
-        base = {"event": root["event"], "data": event.data, "imm": event.view}
         for rule in matched:
-            context = {**base, "rule": _rule_doc(rule)}
+            context = event_context(event, root["event"], self.rule_docs[rule.name])
             for target in rule.spec.notify:
                 try:
                     result.notifications.append(self.render(event, rule, target, context))
@@ -109,7 +120,7 @@ class Engine:
         channel = self.settings.channels[target.channel]
         wanted = channel.required_blocks + channel.optional_blocks
         parts = self.templates.render_parts(target.template, wanted, {**context, "channel": target.channel})
-        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name))
+        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name, time=event.time))
         return Notification(
             event_id=event.id,
             event_type=event.type,
@@ -144,6 +155,11 @@ class Engine:
         return channel.build_payload(parts, PayloadMeta(event_id=f"group:{first}+{len(alerts) - 1}", rule="group"))
 
 
+def event_context(event: Event, event_doc: dict[str, Any], rule: dict[str, Any]) -> dict[str, Any]:
+    """What an alert template sees (EVENT_CONTEXT, ``channel`` added per target)."""
+    return {"event": event_doc, "data": event.data, "imm": event.view, "rule": rule}
+
+
 def digest_context(channel_name: str, alerts: Sequence[Notification]) -> dict[str, Any]:
     """What a digest template sees (DIGEST_CONTEXT)."""
     return {
@@ -157,8 +173,7 @@ def digest_context(channel_name: str, alerts: Sequence[Notification]) -> dict[st
 def group_facts(
     kind: str,
     group: dict[str, Any],
-    rule: str,
-    severity: str,
+    rule: dict[str, Any],
     first: str,
     last: str,
     part: int,
@@ -170,7 +185,7 @@ def group_facts(
     return {
         "kind": kind,
         "group": group,
-        "rule": {"name": rule, "severity": severity},
+        "rule": rule,
         "first": first,
         "last": last,
         "part": part,
@@ -214,8 +229,10 @@ def summary_line(event: Event, rule: str, severity: str) -> str:
     return " ".join(bits)
 
 
-def _rule_doc(rule: Rule) -> dict[str, Any]:
-    spec = rule.spec
+def rule_doc(spec: RuleSpec | None, name: str = "", severity: str = "warning") -> dict[str, Any]:
+    """What templates see as ``rule``; without a spec (a rule gone after a reload, ``render``), a bare one."""
+    if spec is None:
+        return {"name": name, "description": "", "severity": severity, "labels": {}}
     return {"name": spec.name, "description": spec.description, "severity": spec.severity, "labels": spec.labels}
 
 
@@ -301,7 +318,8 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
     problems, warnings = _check_templates(engine)
     if problems:
         raise ConfigError("\n".join(problems))
-    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings])
+    plugins = [f"plugin not loaded: {problem}" for problem in channel_types()[1]]
+    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings, *plugins])
 
 
 def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
@@ -327,36 +345,46 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
     def attempt(what: str, render: Callable[..., Any], *args: Any) -> Any:
         try:
             return render(*args)
-        except RenderError as exc:
+        except Exception as exc:  # whatever a render raises is what this check reports
             place = templates.location(exc.__cause__ or exc)
             where = f"{place[0]}:{place[1]}: " if place else ""
-            failures.setdefault(f"{where}{exc}", []).append(what)
+            reason = str(exc) if isinstance(exc, RenderError) else f"{type(exc).__name__}: {exc}"
+            failures.setdefault(f"{where}{reason}", []).append(what)
             return None
 
-    examples = {
-        event_type: [(f"{event_type} ({kind})", example_event(event_type, data)) for kind, data in payloads.items()]
+    examples = {  # event type → (label, shape, event, rule root)
+        event_type: [
+            (f"{event_type} ({kind})", _shape(event, kind), event, rule_root(event))
+            for kind, data in example_payloads(event_type).items()
+            for event in [example_event(event_type, data)]
+        ]
         for event_type in sorted(KNOWN_EVENT_TYPES)
-        for payloads in [example_payloads(event_type)]
     }
-    rendered: dict[tuple[str, str, str], Notification] = {}  # (channel, template, example) → its alert
+    # (channel, template, shape) → its alert: one render per payload shape, not per task type
+    rendered: dict[tuple[str, str, str], Notification] = {}
     roots: dict[str, dict[str, Any]] = {}  # rule → the root of its first example, for group keys
+    types: dict[tuple[str, ...] | None, list[str]] = {}  # events patterns → the example types they take
     for rule in engine.rules.rules:
-        for event_type in (t for t in examples if rule.applies_to(t)):
-            for label, event in examples[event_type]:
-                root = rule_root(event)
-                try:
-                    if not truthy(search(rule.expression, root)):
-                        continue
-                except (JMESPathError, TypeError, ValueError):
+        patterns = rule.spec.events
+        if patterns not in types:
+            types[patterns] = [t for t in examples if rule.applies_to(t)]
+        for event_type in types[patterns]:
+            for label, shape, event, root in examples[event_type]:
+                pending = [t for t in rule.spec.notify if (t.channel, t.template, shape) not in rendered]
+                if not pending:
                     continue
-                roots.setdefault(rule.name, root)
-                context = {"event": root["event"], "data": event.data, "imm": event.view, "rule": _rule_doc(rule)}
-                for target in rule.spec.notify:
-                    key = (target.channel, target.template, label)
-                    if key not in rendered:
-                        made = attempt(label, engine.render, event, rule, target, context)
-                        if made is not None:
-                            rendered[key] = made
+                fitted, fitted_root = _fitted(event, root, engine.rules.implied(rule))
+                try:
+                    if not truthy(search(rule.expression, fitted_root)):
+                        continue
+                except EVAL_ERRORS:
+                    continue
+                roots.setdefault(rule.name, fitted_root)
+                context = event_context(fitted, fitted_root["event"], engine.rule_docs[rule.name])
+                for target in pending:
+                    made = attempt(label, engine.render, fitted, rule, target, context)
+                    if made is not None:
+                        rendered[(target.channel, target.template, shape)] = made
     alerts: dict[tuple[str, str], list[Notification]] = {}  # (channel, rule) → a few of its alerts
     for (channel_name, _, _), notification in rendered.items():
         alerts.setdefault((channel_name, notification.rule), []).append(notification)
@@ -369,8 +397,7 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
             facts = group_facts(
                 "group" if target.group_by is not None else "throttle",
                 dict(zip(keys, engine.values(keys, roots.get(rule.name, {})), strict=True)),
-                rule.name,
-                rule.spec.severity,
+                engine.rule_docs[rule.name],
                 "2026-01-01T00:00:00+00:00",
                 "2026-01-01T00:05:00+00:00",
                 1,
@@ -385,6 +412,35 @@ def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
         shown = ", ".join(cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
         warnings.append(f"{failure} (for {shown}); a real event like that would lose its alert")
     return [], warnings
+
+
+def _shape(event: Event, kind: str) -> str:
+    """What tells example payloads apart: their family (imm:Task, imm:FileMeta, …), whether they carry a
+    moderation result, and full or minimal. Task types differ only in their name."""
+    family = event.type.rsplit(":", 1)[0]
+    return f"{family}{'+moderation' if event.view.get('moderation') else ''} ({kind})"
+
+
+def _fitted(
+    event: Event, root: dict[str, Any], implied: dict[tuple[str, ...], frozenset[str]]
+) -> tuple[Event, dict[str, Any]]:
+    """An example event given the values a rule's ``when`` requires (``imm.project == 'prod'``), so that
+    rules about one project or code are checked too. Only existing mappings get a value: an example
+    without ``imm.moderation`` stays without it."""
+    if not implied:
+        return event, root
+    fitted: dict[str, Any] = dict(root)
+    for path, values in implied.items():
+        node: Any = fitted
+        for key in path[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                break
+            node[key] = node = dict(child)  # copies: the example is shared by every rule
+        else:
+            node[path[-1]] = min(values)
+    data = {k: v for k, v in fitted.items() if k not in ("imm", "event")}
+    return replace(event, data=data, view=fitted["imm"]), fitted
 
 
 def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> str:

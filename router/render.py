@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import orjson
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -227,12 +227,12 @@ class TemplateSet:
         for template in self.text[name]:
             assert template.name is not None
             ast, where = self._ast[template.name], self.dir / template.name
-            for missing in sorted(meta.find_undeclared_variables(ast) - known):
-                line = next(n.lineno for n in ast.find_all(nodes.Name) if n.name == missing and n.ctx == "load")
+            free, unknown = _undefined_reads(ast, known)
+            for line, missing in free:
                 hint = did_you_mean(missing, known) or f"; a {name!r} render has: {', '.join(sorted(context))}"
                 problems.append(f"{where}:{line}: template {name!r}: {missing!r} is not defined{hint}")
             if "imm" in context:
-                for line, key in _unknown_view_keys(ast):
+                for line, key in unknown:
                     hint = did_you_mean(key, VIEW_KEYS) or f"; imm has: {', '.join(sorted(VIEW_KEYS))}"
                     problems.append(f"{where}:{line}: template {name!r}: imm.{key} is not a key of the imm view{hint}")
         return list(dict.fromkeys(problems))
@@ -279,27 +279,53 @@ class TemplateSet:
         return context
 
 
-def _unknown_view_keys(ast: nodes.Template) -> list[tuple[int, str]]:
-    """(line, key) of ``imm.key`` / ``imm['key']`` reads of keys the view lacks, except under a
-    ``default`` filter or a ``defined`` test (which handle the undefined value)."""
-    found = []
+# Names Jinja provides inside loops, blocks, macros and call blocks.
+_JINJA_LOCALS = frozenset({"loop", "self", "super", "caller", "varargs", "kwargs"})
+
+
+def _guarded(node: nodes.Node, parent: nodes.Node | None) -> bool:
+    """Whether ``node`` is read by a ``default`` filter or a ``defined`` test, which handle it undefined."""
+    if isinstance(parent, nodes.Filter):
+        return parent.node is node and parent.name in ("default", "d")
+    return isinstance(parent, nodes.Test) and parent.node is node and parent.name in ("defined", "undefined")
+
+
+def _undefined_reads(ast: nodes.Template, known: frozenset[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(first line, name) of each name the template reads but neither defines anywhere in itself (set,
+    for, with, macro, import) nor finds in ``known``; and (first line, key) of each ``imm.key`` /
+    ``imm['key']`` the view lacks. A name or key the template also tests with ``is defined`` or reads
+    through ``default`` is taken as handled. One walk of the tree (Jinja's
+    ``meta.find_undeclared_variables`` compiles the template again)."""
+    defined, guarded = set(known | _JINJA_LOCALS), set()
+    names: dict[str, int] = {}
+    keys: dict[str, int] = {}
     stack: list[tuple[nodes.Node, nodes.Node | None]] = [(ast, None)]
     while stack:
         node, parent = stack.pop()
         stack.extend((child, node) for child in node.iter_child_nodes())
-        key = None
-        if isinstance(node, nodes.Getattr):
-            key = node.attr
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-            key = node.arg.value
-        if key is None or key in VIEW_KEYS:
-            continue
-        target = node.node  # type: ignore[attr-defined]
-        if not (isinstance(target, nodes.Name) and target.name == "imm" and target.ctx == "load"):
-            continue
-        guarded = (isinstance(parent, nodes.Filter) and parent.name in ("default", "d")) or (
-            isinstance(parent, nodes.Test) and parent.name in ("defined", "undefined")
-        )
-        if not guarded:
-            found.append((node.lineno, key))
-    return sorted(found)
+        if isinstance(node, nodes.Name):
+            if node.ctx != "load":
+                defined.add(node.name)
+            elif _guarded(node, parent):
+                guarded.add(node.name)
+            else:
+                names.setdefault(node.name, node.lineno)
+        elif isinstance(node, nodes.Macro):
+            defined.add(node.name)
+        elif isinstance(node, nodes.Import):
+            defined.add(node.target)
+        elif isinstance(node, nodes.FromImport):
+            defined.update(n if isinstance(n, str) else n[1] for n in node.names)
+        elif isinstance(node, nodes.Getattr | nodes.Getitem):
+            target = node.node
+            if not (isinstance(target, nodes.Name) and target.name == "imm" and target.ctx == "load"):
+                continue
+            key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+            if isinstance(key, str) and key not in VIEW_KEYS:
+                if _guarded(node, parent):
+                    guarded.add(f"imm.{key}")
+                else:
+                    keys.setdefault(key, node.lineno)
+    free = sorted((line, n) for n, line in names.items() if n not in defined and n not in guarded)
+    unknown = sorted((line, k) for k, line in keys.items() if f"imm.{k}" not in guarded)
+    return free, unknown

@@ -12,6 +12,7 @@ Two indexes, both built at load:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import difflib
 import fnmatch
 import itertools
@@ -415,6 +416,15 @@ class RuleSet:
         self._probes = {id(r): rule_probes(r.expression.parsed, nodes) for r in self.rules}
         self._getters = {subject: expr.compile_tree(node, RULE_FUNCTIONS) for subject, node in nodes.items()}
 
+    def implied(self, rule: Rule) -> dict[tuple[str, ...], frozenset[str]]:
+        """The field paths whose value must be one of these strings for ``rule`` to match."""
+        found = {}
+        for probe in self._probes[id(rule)]:
+            path = expr.field_chain(json.loads(probe.subject)) if probe.kind == "eq" else None
+            if path:
+                found[path] = probe.values
+        return found
+
     def plan(self, event_type: str) -> _Plan:
         plan = self._plans.get(event_type)
         if plan is None:
@@ -509,14 +519,17 @@ def compile_expression(text: str, *, what: str, path: str | None = None, line: i
             path=path,
             line=line,
         ) from None
-    parsed = expression.parsed
-    problem = _depth_problem(parsed) or _function_problem(parsed)
+    found = _nodes(expression.parsed)
+    problem = _depth_problem(found) or _function_problem(found)
     if problem:
         raise ConfigError(f"{what}: {problem}", path=path, line=line)
     return expression
 
 
-def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
+Nodes = list[tuple[dict[str, Any], int, bool]]
+
+
+def _nodes(root: dict[str, Any]) -> Nodes:
     """Every node of a parsed expression with its depth and whether it reads the rule root (iterative:
     the tree may be deeper than Python's recursion limit)."""
     found = []
@@ -534,8 +547,8 @@ def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
     return found
 
 
-def _depth_problem(root: dict[str, Any]) -> str | None:
-    depth = max(d for _, d, _ in _nodes(root))
+def _depth_problem(found: Nodes) -> str | None:
+    depth = max(d for _, d, _ in found)
     if depth <= MAX_EXPRESSION_DEPTH:
         return None
     return (
@@ -544,9 +557,9 @@ def _depth_problem(root: dict[str, Any]) -> str | None:
     )
 
 
-def _function_problem(root: dict[str, Any]) -> str | None:
+def _function_problem(found: Nodes) -> str | None:
     table = RULE_FUNCTIONS.FUNCTION_TABLE
-    for node, _, _ in _nodes(root):
+    for node, _, _ in found:
         if node["type"] != "function_expression":
             continue
         name, given = node["value"], len(node["children"])
@@ -572,10 +585,10 @@ def expression_warnings(expression: Any) -> list[str]:
             problem = _unknown_key(path)
             if problem:
                 found.append(problem)
-    try:
-        tokens = list(Lexer().tokenize(expression.text))
-    except LexerError:  # it compiled, so it lexes; nothing to add otherwise
-        tokens = []
+    tokens = []
+    if '"' in expression.text:
+        with contextlib.suppress(LexerError):  # it compiled, so it lexes
+            tokens = list(Lexer().tokenize(expression.text))
     for before, token in itertools.pairwise(tokens):
         if token["type"] == "quoted_identifier" and before["type"] in _COMPARATORS:
             found.append(

@@ -422,9 +422,9 @@ class Service:
         if partitions:
             log.info("released %s partitions %s", self.engine.settings.kafka.notifications_topic, sorted(partitions))
 
-    async def _persist_limiter(self, channel: str, finished: list[float]) -> None:
+    async def _persist_limiter(self, channel: str, logs: list[list[float]]) -> None:
         if self.manager is not None:
-            await self.manager.persist_limiter(channel, finished)
+            await self.manager.persist_limiter(channel, logs)
 
     # --- dead letters -----------------------------------------------------------------------------
 
@@ -487,6 +487,8 @@ class Service:
 
     def _instrumented(self, engine: Engine) -> Engine:
         engine.rules.on_error = lambda rule: self.metrics.rule_errors.labels(rule.name).inc()
+        for warning in engine.warnings:  # what `imm-router check` warns about, at start and on each reload
+            log.warning("config: %s", warning)
         return engine
 
     # --- hot reload -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ CHANNELS: dict[str, dict[str, Any]] = {
     "email": {"type": "email", "host": "smtp.example.com", "from": "a@example.com", "to": ["b@example.com"]},
     "kafka": {"type": "kafka", "topic": "alerts"},
     "webhook": {"type": "webhook", "url": "https://hooks.example.com/imm"},
+    "alertmanager": {"type": "alertmanager", "url": "http://alertmanager:9093"},
 }
 META = PayloadMeta(event_id="ev-1", rule="r")
 
@@ -129,7 +130,7 @@ def test_group_and_digest_templates_render_lists_of_every_shape(engine: Engine) 
     facts = {
         "kind": "group",
         "group": {"imm.project": None, "imm.error_code": "E"},
-        "rule": {"name": "r", "severity": "critical"},
+        "rule": engine.rule_docs[engine.rules.rules[0].name],
         "first": "2026-11-02T10:00:00+00:00",
         "last": "2026-11-02T10:05:00+00:00",
         "part": 1,
