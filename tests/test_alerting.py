@@ -239,6 +239,24 @@ async def test_ownership_moves_mid_group_and_nothing_is_lost_or_sent_twice(tansu
         assert ids_in(server, tasks) == set(tasks)
 
 
+async def test_partitions_revoked_before_any_record_are_released_too(tansu, unique_topic, tmp_path: Path) -> None:
+    """A replica that joins takes half the notification partitions even if the first owner never read a record
+    from them: the first must drop their state (it would otherwise keep timers and claim them in /readyz)."""
+    topic = unique_topic("events")
+    async with robot() as server:
+        path = router_config(tmp_path, tansu, topic, server, {"group_by": ["imm.project"], "group_wait": "1s"})
+        async with running(path) as first:
+            await wait_until(lambda: len(first.owned_partitions) == 4, timeout=30, what="the first owning all 4")
+            async with running(path) as second:
+                await wait_until(
+                    lambda: len(second.owned_partitions) == 2 and len(first.owned_partitions) == 2,
+                    timeout=30,
+                    what=lambda: f"2 each; first {first.owned_partitions}, second {second.owned_partitions}",
+                )
+                assert set(first.owned_partitions).isdisjoint(second.owned_partitions)
+                assert first.metrics.owned_partitions._value.get() == 2
+
+
 async def test_a_throttled_key_stays_throttled_when_its_channel_moves(tansu, unique_topic, tmp_path: Path) -> None:
     topic = unique_topic("events")
     async with robot() as server:

@@ -244,9 +244,10 @@ class ConsumerStage:
     async def revoked(self, revoked: set[TopicPartition]) -> None:
         """Let the stage drop the revoked partitions' waiting work, finish what is running (bounded), and
         commit what is settled."""
-        revoked = {tp for tp in revoked if tp in self.trackers}
         if self.on_revoked is not None:
+            # Every revoked partition, fetched from or not: the stage may hold state for one it never read.
             await self.on_revoked(revoked)
+        revoked = {tp for tp in revoked if tp in self.trackers}
         if not revoked:
             return
         await self.wait_until(
