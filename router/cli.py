@@ -17,7 +17,7 @@ from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
 from router.engine import Engine, load
 from router.errors import ConfigError, DecodeError, RouterError
-from router.render import TemplateSet
+from router.render import template_set
 
 if TYPE_CHECKING:
     from router.alerting.silences import SilenceStore
@@ -85,7 +85,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     config: Path = args.config
     settings = load_settings(config) if config.exists() or args.config_given else Settings()
-    templates = TemplateSet(settings.templates_dir, settings.timezone)
+    templates = template_set(settings)
     if args.template not in templates.text:
         raise ConfigError(f"template {args.template!r} not found under {settings.templates_dir}")
     raw = Path(args.event).read_bytes()

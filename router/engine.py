@@ -21,7 +21,7 @@ from router.decode import Event, Limits
 from router.errors import ConfigError, RenderError
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
-from router.render import TemplateSet
+from router.render import TemplateSet, template_set
 from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
         return None
 
     try:
-        templates = TemplateSet(settings.templates_dir, settings.timezone)
+        templates = template_set(settings)
     except ConfigError as exc:
         raise ConfigError(f"templates:\n{exc}") from exc
     for name, channel in settings.channels.items():

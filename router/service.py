@@ -351,7 +351,9 @@ class Service:
             await self._dead_letter(record, f"decode: {exc.reason}")
             return
         self.metrics.records.labels(str(event.wire_format)).inc()
-        result = engine.route(event)
+        # Rules and rendering off the event loop: a slow template (bounded by the render budget) must not
+        # stall /healthz, heartbeats and the other records.
+        result = await asyncio.to_thread(engine.route, event)
         for rule in {n.rule for n in result.notifications}:
             self.metrics.rule_matches.labels(rule).inc()
         for failure in result.failures:
