@@ -10,9 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import orjson
-
-from router import __version__
+from router import __version__, jsoncodec
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
 from router.engine import Engine, load
@@ -68,7 +66,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                 continue
             result = engine.route(item)
             for notification in result.notifications:
-                out.write(orjson.dumps(notification.route_line()).decode() + "\n")
+                out.write(jsoncodec.dumps(notification.route_line()).decode() + "\n")
             for error in result.failures:
                 failed = True
                 print(f"error: {error}", file=sys.stderr)

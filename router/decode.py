@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from router import jsoncodec
 from router.errors import DecodeError
 from router.imm import build_view, canonical_type, infer_type, parse_time
 
@@ -106,7 +107,7 @@ def iter_events(name: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Itera
     """The events of an input file: one JSON event, a JSON array of events, or JSON lines (each may be
     a base64 body). Inputs that fail come back as DecodeErrors naming ``name`` and the line or index."""
     try:
-        whole = orjson.loads(raw)
+        whole = jsoncodec.loads(raw)
     except orjson.JSONDecodeError:
         lines = raw.splitlines()
         for number, line in enumerate(lines, 1):
@@ -265,7 +266,7 @@ def _cloudevent_headers(headers: Headers) -> dict[str, Any] | None:
 
 def _parse_json(raw: bytes, limits: Limits, *, what: str) -> Any:
     try:
-        obj = orjson.loads(raw)
+        obj = jsoncodec.loads(raw)
     except orjson.JSONDecodeError as exc:
         msg = str(exc)
         if "utf-8" in msg.lower() or "surrogate" in msg.lower():
@@ -296,7 +297,7 @@ def _payload_id(data: dict[str, Any]) -> str:
         value = _text(data.get(key))
         if value:
             return value
-    return "sha256:" + hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return "sha256:" + hashlib.sha256(jsoncodec.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def _epoch_ms(value: Any) -> datetime | None:

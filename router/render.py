@@ -28,6 +28,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
+from router import jsoncodec
 from router.channels.base import ChannelConfigBase
 from router.config import Settings
 from router.errors import ConfigError, RenderError
@@ -94,7 +95,7 @@ def markdown_code(value: Any) -> str:
 def to_json(value: Any, indent: bool = False) -> str:
     """JSON with UTF-8 kept as is (Chinese stays readable)."""
     option = orjson.OPT_INDENT_2 if indent else 0
-    return orjson.dumps(value, option=option | orjson.OPT_NON_STR_KEYS, default=str).decode()
+    return jsoncodec.dumps(value, option=option | orjson.OPT_NON_STR_KEYS, default=str).decode()
 
 
 def clip(value: Any, length: int = 200, marker: str = "…") -> str:

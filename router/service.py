@@ -22,6 +22,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from router import jsoncodec
 from router.alerting.handoff import Handoff, SourceRecord
 from router.alerting.inhibit import InhibitionLog
 from router.alerting.manager import Manager
@@ -68,7 +69,7 @@ class Changelog:
         self.topic = topic
 
     async def put(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
-        body = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        body = None if value is None else jsoncodec.dumps(value, option=orjson.OPT_NON_STR_KEYS)
         await _produce(self.producer, self.topic, key=key.encode(), value=body, partition=partition)
 
     async def read(self, reader: AIOKafkaConsumer, partitions: set[int]) -> dict[int, list[tuple[str, Any]]]:
@@ -91,7 +92,7 @@ class Changelog:
                 for r in records:
                     if r.offset < ends[tp] and r.key is not None:
                         try:
-                            value = None if r.value is None else orjson.loads(r.value)
+                            value = None if r.value is None else jsoncodec.loads(r.value)
                         except orjson.JSONDecodeError:
                             log.warning("%s: skipping a changelog entry that is not JSON", _where(r))
                             continue
@@ -679,7 +680,7 @@ async def replay(config_path: Path, *, source: Path | None, match: str | None, d
                 ]
                 for notification in notifications:
                     if producer is None:
-                        print(orjson.dumps(notification.route_line()).decode())
+                        print(jsoncodec.dumps(notification.route_line()).decode())
                         continue
                     handoff = Handoff(notification, result.root, time.time(), source_record)
                     await _produce(

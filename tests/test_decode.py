@@ -179,3 +179,31 @@ def test_size_limit_is_configurable() -> None:
 def test_str_values_with_lone_surrogates_do_not_crash() -> None:
     with pytest.raises(DecodeError, match="not valid UTF-8"):
         decode('{"TaskId": "\udc80"}')
+
+
+BIG = 2**64  # beyond what orjson keeps exact
+
+
+def test_integers_beyond_64_bits_stay_exact_and_do_not_collide(engine) -> None:  # type: ignore[no-untyped-def]
+    from router.alerting.handoff import Handoff, SourceRecord
+
+    def failure(ident: int, task: int) -> bytes:
+        doc = {"specversion": "1.0", "id": ident, "type": "imm:Task:MediaConvert", "source": "acs.imm"}
+        data = {"TaskType": "MediaConvert", "TaskId": task, "Status": "Failed", "Code": "E", "ProjectName": "p"}
+        return json.dumps(doc | {"data": data}).encode()
+
+    first, second = decode(failure(BIG + 1, -BIG - 1)), decode(failure(BIG + 2, -BIG - 2))
+    assert (first.id, second.id) == (str(BIG + 1), str(BIG + 2))
+    assert first.data["TaskId"] == -BIG - 1 and first.view["task_id"] == str(-BIG - 1)
+    bare = [decode(json.dumps({"TaskType": "MediaConvert", "Size": BIG + n, "Status": "Failed"})) for n in (1, 2)]
+    assert bare[0].id != bare[1].id  # the sha256 of their canonical JSON
+    routed = [engine.route(event).notifications for event in (first, second)]
+    keys = {n.dedup_key for batch in routed for n in batch}
+    assert len(keys) == sum(len(batch) for batch in routed) > 2
+    kafka = next(n for n in routed[0] if n.channel == "alerts-topic")
+    assert json.loads(kafka.payload["value"])["event"]["id"] == str(BIG + 1)
+    assert json.loads(kafka.payload["value"])["imm"]["task_id"] == str(-BIG - 1)
+    source = SourceRecord("t", 0, 1, None, failure(BIG + 1, -BIG - 1), ())
+    result = engine.route(first)
+    again = Handoff.decode(Handoff(kafka, result.root, 0.0, source).encode(), where="t")
+    assert again.root["event"]["id"] == str(BIG + 1) and again.root["TaskId"] == -BIG - 1

@@ -11,6 +11,7 @@ import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr
 from yarl import URL
 
+from router import jsoncodec
 from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, header_value
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
@@ -33,7 +34,7 @@ class WebhookConfig(ChannelConfigBase):
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         try:
-            body = orjson.loads(parts["body"])
+            body = jsoncodec.loads(parts["body"])
         except orjson.JSONDecodeError as exc:
             raise RenderError(f"webhook body is not valid JSON: {exc}") from exc
         headers = {"Content-Type": "application/json", **self.headers}
@@ -56,7 +57,7 @@ class WebhookChannel:
 
     async def send(self, notification: Notification) -> None:
         payload = notification.payload
-        body = orjson.dumps(payload["body"])
+        body = jsoncodec.dumps(payload["body"])
         headers = dict(payload["headers"])
         if self.config.hmac_secret is not None:
             headers[self.config.signature_header] = signature(self.config.hmac_secret.get_secret_value(), body)
