@@ -104,6 +104,18 @@ def clip(value: Any, length: int = 200, marker: str = "…") -> str:
     return text if len(text) <= length else text[: max(0, length - len(marker))] + marker
 
 
+def compact(value: Any, items: int = 20, chars: int = 2000) -> Any:
+    """``value`` with every list cut to its first ``items`` and every string to ``chars`` characters: an
+    alert that carries it stays small whatever the event holds (a 1 MB event is not a 1 MB alert)."""
+    if isinstance(value, str):
+        return clip(value, chars)
+    if isinstance(value, list | tuple):
+        return [compact(item, items, chars) for item in value[:items]]
+    if isinstance(value, Mapping):
+        return {key: compact(item, items, chars) for key, item in value.items()}
+    return value
+
+
 class BudgetExceeded(RenderError):
     """A render ran out of time or output."""
 
@@ -305,6 +317,7 @@ class TemplateSet:
             md_code=markdown_code,
             json=to_json,
             clip=clip,
+            compact=compact,
             _loop_budget=_loop_budget,
             _text_budget=_text_budget,
         )
