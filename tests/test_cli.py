@@ -219,3 +219,17 @@ def test_webhook_header_values_are_secrets_route_and_replay_never_print(tmp_path
     for output in (routed, replayed):
         assert "hdr-s3cret" not in output.stdout + output.stderr
     assert "hdr-s3cret" not in repr(load_settings(config))
+
+
+def test_route_holds_events_to_max_event_bytes_as_the_service_does(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(EXAMPLE.read_text().replace("log_level: INFO", "log_level: INFO\nmax_event_bytes: 2000"))
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    event = json.loads((EVENTS / "eventbridge" / "Task-AsyncTask.json").read_text())
+    event["data"]["Padding"] = "p" * 2_500
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(event))
+    result = imm_router("route", "--config", str(config), str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"error: {path}: record is " in result.stderr and "over the 2000-byte limit" in result.stderr

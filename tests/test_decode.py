@@ -207,3 +207,42 @@ def test_integers_beyond_64_bits_stay_exact_and_do_not_collide(engine) -> None: 
     result = engine.route(first)
     again = Handoff.decode(Handoff(kafka, result.root, 0.0, source).encode(), where="t")
     assert again.root["event"]["id"] == str(BIG + 1) and again.root["TaskId"] == -BIG - 1
+
+
+def test_a_utf8_bom_is_accepted_and_stripped() -> None:
+    from router.decode import iter_events
+
+    event = _load(EVENTBRIDGE[0])
+    raw = json.dumps(event, ensure_ascii=False).encode()
+    bom = b"\xef\xbb\xbf"
+    expected = decode(raw)
+    for variant in (bom + raw, base64.b64encode(bom + raw)):
+        assert decode(variant).data == expected.data
+    (from_file,) = iter_events("with-bom.json", bom + raw)
+    assert not isinstance(from_file, DecodeError) and from_file.data == expected.data
+    lines = list(iter_events("lines.jsonl", bom + raw + b"\n" + raw))
+    assert [getattr(e, "data", e) for e in lines] == [expected.data] * 2
+    mns = _mns({"TaskType": "MediaConvert", "Status": "Failed"})
+    mns["content"] = "\ufeff" + mns["content"]
+    assert decode(json.dumps(mns).encode()).data["Status"] == "Failed"
+
+
+def test_files_and_records_are_held_to_one_size_rule() -> None:
+    from router.decode import iter_events
+
+    limits = Limits(max_bytes=2_000)
+    event = _load(EVENTBRIDGE[0])
+    event["data"]["Padding"] = "p" * 2_500
+    big = json.dumps(event).encode()
+    small = json.dumps(_load(EVENTBRIDGE[0])).encode()
+    with pytest.raises(DecodeError, match="over the 2000-byte limit"):
+        decode(big, limits=limits)
+    for name, raw, source in (
+        ("one.json", big, "one.json"),
+        ("many.json", b"[" + small + b"," + big + b"]", "many.json[1]"),
+        ("lines.jsonl", small + b"\n" + big, "lines.jsonl:2"),
+    ):
+        results = list(iter_events(name, raw, limits))
+        errors = [r for r in results if isinstance(r, DecodeError)]
+        assert [e.source for e in errors] == [source] and "over the 2000-byte limit" in str(errors[0])
+        assert len(results) - len(errors) == (0 if name == "one.json" else 1)
