@@ -137,9 +137,13 @@ def _encodings(secret: str) -> set[str]:
 
 
 class Channel(Protocol):
-    """A destination. ``send`` makes exactly one attempt and raises DeliveryError on failure."""
+    """A destination. ``send`` makes exactly one attempt and raises DeliveryError on failure.
+
+    ``health_verifies_credentials``: whether a healthy ``health()`` means the credentials work too, or only
+    that the server is reachable (checking them would send a message)."""
 
     name: str
+    health_verifies_credentials: bool
 
     async def send(self, notification: Notification) -> None: ...
 

@@ -54,6 +54,8 @@ class KafkaChannel:
 
     The source's client id and SASL / SSL settings apply; ``bootstrap_servers`` may point elsewhere."""
 
+    health_verifies_credentials = True  # a metadata request authenticates (SASL)
+
     def __init__(self, name: str, config: KafkaChannelConfig, kafka: KafkaSettings) -> None:
         self.name = name
         self.config = config

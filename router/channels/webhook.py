@@ -57,6 +57,8 @@ def signature(secret: str, body: bytes) -> str:
 class WebhookChannel:
     """POSTs the JSON body; the HTTP status decides: 2xx ok, 408/429/5xx later, anything else never."""
 
+    health_verifies_credentials = False  # only a POST would tell whether the URL's token is accepted
+
     def __init__(self, name: str, config: WebhookConfig) -> None:
         self.name = name
         self.config = config
@@ -79,7 +81,8 @@ class WebhookChannel:
         raise DeliveryError(message, retriable=retriable, channel=self.name)
 
     async def health(self) -> str:
-        return await self._http.reachable(self._url)
+        reachable = await self._http.reachable(self._url)
+        return f"{reachable}; nothing sent, so the URL's path and token are not verified"
 
     async def close(self) -> None:
         await self._http.close()
