@@ -217,7 +217,7 @@ class Clock:
 def email_channel_with_clock(tmp_path: Path, server: SmtpCapture, **extra: Any) -> tuple[Any, Clock, Notification]:
     engine = make_engine(tmp_path, {"mail": email_config(server, **extra)})
     clock = Clock()
-    channel = email_channel.EmailChannel("mail", engine.settings.channels["mail"], clock=clock)  # type: ignore[arg-type]
+    channel = email_channel.EmailChannel("mail", engine.settings.channels["mail"], clock=clock)
     return channel, clock, notifications(engine, [failed_event(1)])[0]
 
 
