@@ -147,10 +147,12 @@ class _Budget:
         if time.monotonic() > self.deadline:
             raise BudgetExceeded(f"rendering took longer than {self.timeout:g}s; simplify the loops")
 
+    def room(self) -> int:
+        """Characters the output may still grow by."""
+        return self.max_chars - self.chars
+
     def output(self, chars: int) -> None:
         self.chars += chars
-        if self.chars > self.max_chars:
-            raise self.too_long()
 
     def check(self, value: Any) -> None:
         """Refuse an intermediate string or sequence longer than the whole output may be."""
@@ -371,10 +373,13 @@ class TemplateSet:
                     continue
                 try:
                     chunks = []
+                    room = budget.room()  # time is checked where it can run long: loops and calls
                     for chunk in stack[0](contexts[html]):
-                        budget.output(len(chunk))
-                        budget.tick()
+                        room -= len(chunk)
+                        if room < 0:
+                            raise budget.too_long()
                         chunks.append(chunk)
+                    budget.output(sum(map(len, chunks)))
                     parts[block] = "".join(chunks).strip()
                 except RenderError as exc:
                     raise RenderError(f"template {name!r} block {block!r}: {exc}") from None
