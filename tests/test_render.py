@@ -189,3 +189,11 @@ def test_a_render_within_the_budget_is_unchanged(tmp_path: Path) -> None:
     ts = budgeted(tmp_path, "{% for i in range(1000) %}{{ loop.index }}{% endfor %}|{{ 'ab' * 3 }}|{{ 2 ** 10 }}")
     text = ts.render_parts("t.j2", ("text",), {})["text"]
     assert text.endswith("|ababab|1024") and text.startswith("123")
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "data:text/html,x", "/relative", ""])
+def test_a_dingtalk_button_only_ever_points_at_http(url: str) -> None:
+    card = dingtalk(msgtype="actionCard").build_payload(
+        {"title": "T", "text": "b", "button_title": "Open", "button_url": url}, META
+    )
+    assert card["msgtype"] == "markdown" and "actionCard" not in card
