@@ -29,7 +29,8 @@ from router.decode import decode
 from router.embedded.broker import TansuBroker
 from router.embedded.demo import demo_records
 from router.engine import load
-from router.service import Service, read_topic
+from router.service import Service
+from router.sources.kafka import read_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 from router import __version__, jsoncodec
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
-from router.engine import Engine, load
+from router.engine import Engine, digest_context, group_context, group_facts, load, summary_line
 from router.errors import ConfigError, DecodeError, RouterError
+from router.notification import Notification
 from router.render import template_set
+from router.rules import Rule
 
 if TYPE_CHECKING:
     from router.alerting.silences import SilenceStore
@@ -37,9 +39,15 @@ def read_inputs(paths: Sequence[str], stdin: TextIO) -> Iterator[tuple[str, byte
 def cmd_check(args: argparse.Namespace) -> int:
     engine = load(args.config)
     settings = engine.settings
+    for warning in engine.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.strict and engine.warnings:
+        print(f"error: {len(engine.warnings)} warning(s) and --strict: fix them", file=sys.stderr)
+        return 2
     kinds = ", ".join(f"{name} ({ch.type})" for name, ch in sorted(settings.channels.items()))
     files = sorted({str(r.path) for r in engine.rules.rules})
-    print(f"config OK: {args.config}")
+    warned = f" ({len(engine.warnings)} warning(s) above)" if engine.warnings else ""
+    print(f"config OK: {args.config}{warned}")
     print(f"  channels:  {len(settings.channels)}: {kinds or 'none'}")
     print(f"  rules:     {len(engine.rules.rules)} in {len(files)} file(s) under {settings.rules_dir}")
     print(f"  templates: {len(engine.templates.text)} under {settings.templates_dir}")
@@ -58,13 +66,23 @@ def cmd_route(args: argparse.Namespace) -> int:
         return explain(engine, read_inputs(args.inputs, sys.stdin), sys.stdout)
     failed = False
     out = sys.stdout
+    broken: list[Rule] = []  # rules that raised on the current event
+    engine.rules.on_error = broken.append
     for name, raw in read_inputs(args.inputs, sys.stdin):
         for item in iter_events(name, raw, engine.limits):
             if isinstance(item, DecodeError):
                 failed = True
                 print(f"error: {item}", file=sys.stderr)
                 continue
+            broken.clear()
             result = engine.route(item)
+            for rule in broken:
+                failed = True
+                print(
+                    f"error: event {item.id}: rule {rule.name} ({rule.path}:{rule.line}) could not be evaluated "
+                    "and was treated as not matching",
+                    file=sys.stderr,
+                )
             for notification in result.notifications:
                 out.write(jsoncodec.dumps(notification.route_line()).decode() + "\n")
             for error in result.failures:
@@ -86,23 +104,51 @@ def cmd_render(args: argparse.Namespace) -> int:
     templates = template_set(settings)
     if args.template not in templates.text:
         raise ConfigError(f"template {args.template!r} not found under {settings.templates_dir}")
-    raw = Path(args.event).read_bytes()
     limits = Limits(settings.max_event_bytes, settings.max_event_depth)
-    events = list(iter_events(args.event, raw, limits))
     status = 0
-    for event in events:
-        if isinstance(event, DecodeError):
-            print(f"error: {event}", file=sys.stderr)
-            status = 1
-            continue
-        context: dict[str, Any] = {
-            "event": event.event_doc(),
-            "data": event.data,
-            "imm": event.view,
-            "channel": "render",
-            "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
-        }
-        blocks = tuple(sorted(templates.blocks(args.template)))
+    events = []
+    for name, raw in read_inputs(args.events, sys.stdin):
+        for event in iter_events(name, raw, limits):
+            if isinstance(event, DecodeError):
+                print(f"error: {event}", file=sys.stderr)
+                status = 1
+            else:
+                events.append(event)
+    if args.digest or args.group:
+        # The events are the alerts of one digest or group message, as the service would list them.
+        alerts = [
+            Notification(
+                event_id=e.id,
+                event_type=e.type,
+                rule=args.rule,
+                channel="render",
+                template=args.template,
+                severity=args.severity,
+                payload={},
+                summary=summary_line(e, args.rule, args.severity),
+                view=e.view,
+            )
+            for e in events
+        ]
+        if args.digest:
+            contexts = [digest_context("render", alerts)]
+        else:
+            times = sorted(e.time.isoformat() for e in events) or [""]
+            facts = group_facts("group", {}, args.rule, args.severity, times[0], times[-1], 1, 1, 1)
+            contexts = [group_context("render", alerts, facts, limit=len(alerts))]
+    else:
+        contexts = [
+            {
+                "event": event.event_doc(),
+                "data": event.data,
+                "imm": event.view,
+                "channel": "render",
+                "rule": {"name": args.rule, "description": args.rule, "severity": args.severity, "labels": {}},
+            }
+            for event in events
+        ]
+    blocks = tuple(sorted(templates.blocks(args.template)))
+    for context in contexts:
         for block, text in templates.render_parts(args.template, blocks, context).items():
             print(f"--- {block} ---\n{text}\n")
     return status
@@ -115,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from router.service import replay
+    from router.sources.replay import replay
 
     return asyncio.run(replay(args.config, source=args.file, match=args.match, dry_run=args.dry_run, limit=args.limit))
 
@@ -307,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = command("check", "load and validate config, rules and templates")
     p.add_argument("--live", action="store_true", help="also check that every channel is reachable")
+    p.add_argument("--strict", action="store_true", help="warnings are errors too (exit 2), for CI")
     p.set_defaults(func=cmd_check)
     p = command("route", "dry run: print the notifications events would produce, one JSON line each")
     p.add_argument("inputs", nargs="*", metavar="PATH|-", help="JSON event, array or JSON lines; - is stdin")
@@ -323,7 +370,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--template", required=True, help="path under templates_dir")
     p.add_argument("--rule", default="example-rule", help="rule name shown in the template")
     p.add_argument("--severity", default="warning", choices=["critical", "warning", "info"])
-    p.add_argument("event", metavar="EVENTFILE")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--digest", action="store_true", help="a digest template: the file's events are its alerts")
+    kind.add_argument("--group", action="store_true", help="a group template: the file's events are the group")
+    p.add_argument("events", nargs="+", metavar="PATH|-", help="JSON event, array or JSON lines; - is stdin")
     p.set_defaults(func=cmd_render)
     p = command("run", "run the service: consume Kafka, route, deliver")
     p.set_defaults(func=cmd_run)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import ssl
+import os
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from router.alerting.inhibit import InhibitRule
 from router.alerting.timing import TimeInterval
-from router.channels.base import Frozen
+from router.channels.base import Frozen, PemFile, tls_context
 from router.channels.dingtalk import DingTalkConfig
 from router.channels.email import EmailConfig
 from router.channels.kafka import KafkaChannelConfig
@@ -50,9 +57,9 @@ class KafkaSettings(Frozen):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    ssl_cafile: PemFile | None = None
+    ssl_certfile: PemFile | None = None
+    ssl_keyfile: PemFile | None = None
 
     def client_options(self) -> dict[str, Any]:
         """aiokafka connection keyword arguments: security protocol, SASL and TLS."""
@@ -68,10 +75,7 @@ class KafkaSettings(Frozen):
                 "sasl_plain_password": self.sasl_password.get_secret_value() if self.sasl_password else None,
             }
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
-            if self.ssl_certfile:
-                context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
-            options["ssl_context"] = context
+            options["ssl_context"] = tls_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
         return options
 
     @model_validator(mode="after")
@@ -80,6 +84,8 @@ class KafkaSettings(Frozen):
             self.sasl_mechanism and self.sasl_username and self.sasl_password
         ):
             raise ValueError(f"{self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password")
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            tls_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)  # the files load, or say why not
         return self
 
 
@@ -151,6 +157,33 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+def env_variable(field: str) -> str:
+    return f"{Settings.model_config['env_prefix']}{field.upper()}"
+
+
+def _env_origin(env: dict[str, Any]) -> Callable[[tuple[int | str, ...]], str | None]:
+    """Which ROUTER_ variable set the value at a location, given what the environment source supplied."""
+    prefix = Settings.model_config["env_prefix"]
+    names = {name.upper() for name in os.environ}
+
+    def origin(loc: tuple[int | str, ...]) -> str | None:
+        node: Any = env
+        for depth, part in enumerate(loc):
+            if not isinstance(node, dict) or part not in node:
+                # A missing key belongs to the source of its mapping; otherwise the file set it.
+                if depth < len(loc) - 1 or depth == 0:
+                    return None
+                break
+            node = node[part]
+        for depth in range(len(loc), 0, -1):
+            name = prefix + "__".join(str(p).upper() for p in loc[:depth])
+            if name in names:
+                return name
+        return None
+
+    return origin
+
+
 def load_settings(path: Path) -> Settings:
     """Read the config file, expand ``${VAR}``, apply ``ROUTER_`` overrides, validate.
 
@@ -165,8 +198,16 @@ def load_settings(path: Path) -> Settings:
     try:
         # Constructing (not model_validate) so the ROUTER_ environment source applies.
         settings = Settings(**doc)
+    except SettingsError as exc:
+        # pydantic-settings could not parse an override (ROUTER_CHANNELS='{bad'); its message names the field.
+        field = str(exc).partition('field "')[2].partition('"')[0]
+        raise ConfigError(
+            f"environment variable {env_variable(field)} is not valid JSON; "
+            f"give the whole {field} value as JSON, or use ROUTER_{field.upper()}__<KEY>=… overrides"
+        ) from None
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, doc, path)) from exc
+        env = EnvSettingsSource(Settings)()  # parsed already, so it does not raise here
+        raise ConfigError(describe_errors(exc, doc, path, Settings, _env_origin(env))) from exc
     base = path.parent
     return settings.model_copy(
         update={

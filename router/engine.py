@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +17,21 @@ from jmespath.exceptions import JMESPathError
 
 from router.channels.base import ChannelConfigBase, PayloadMeta
 from router.config import Settings, load_settings
-from router.decode import Event, Limits
+from router.decode import Event, Limits, decode_object
 from router.errors import ConfigError, RenderError
+from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
 from router.render import TemplateSet, template_set
-from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search
+from router.rules import Notify, Rule, RuleSet, compile_expression, load_rules, rule_root, search, truthy
 
 log = logging.getLogger(__name__)
+
+# The names each kind of template render sees (below, and the alert manager's group facts); ``check``
+# reports any other name a template uses.
+EVENT_CONTEXT = frozenset({"event", "data", "imm", "rule", "channel"})
+DIGEST_CONTEXT = frozenset({"alerts", "count", "channel", "rules"})
+GROUP_CONTEXT = DIGEST_CONTEXT | {"more", "kind", "group", "rule", "first", "last", "part", "parts", "message_number"}
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,16 @@ class RouteResult:
 
 class Engine:
     def __init__(
-        self, settings: Settings, templates: TemplateSet, rules: RuleSet, expressions: dict[str, Any] | None = None
+        self,
+        settings: Settings,
+        templates: TemplateSet,
+        rules: RuleSet,
+        expressions: dict[str, Any] | None = None,
+        warnings: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        # ``file:line: …`` for what loads but would not work as meant (``check --strict`` refuses them).
+        self.warnings = tuple(warnings)
         self.templates = templates
         self.rules = rules
         self.limits = Limits(max_bytes=settings.max_event_bytes, max_depth=settings.max_event_depth)
@@ -104,7 +118,7 @@ class Engine:
             template=target.template,
             severity=rule.spec.severity,
             payload=payload,
-            summary=summary_line(event, rule),
+            summary=summary_line(event, rule.name, rule.spec.severity),
             view=event.view,
         )
 
@@ -112,37 +126,71 @@ class Engine:
         """The payload of one digest message listing ``alerts`` (rate-limited notifications)."""
         channel = self.settings.channels[channel_name]
         template = channel.digest_template or channel.default_digest_template
-        context = {
-            "alerts": [_alert_doc(n) for n in alerts],
-            "count": len(alerts),
-            "channel": channel_name,
-            "rules": sorted({n.rule for n in alerts}),
-        }
         wanted = channel.required_blocks + channel.optional_blocks
-        parts = self.templates.render_parts(template, wanted, context)
+        parts = self.templates.render_parts(template, wanted, digest_context(channel_name, alerts))
         digest_id = f"digest:{alerts[0].event_id}+{len(alerts) - 1}" if alerts else "digest"
         return channel.build_payload(parts, PayloadMeta(event_id=digest_id, rule="digest"))
 
     def render_group(
         self, channel_name: str, template: str, alerts: Sequence[Notification], facts: dict[str, Any]
     ) -> dict[str, Any]:
-        """The payload of one group or throttle-summary message. ``facts``: group (keys → values), kind,
-        first/last times, part/parts; alerts beyond the channel's ``digest_max_alerts`` are counted, and
-        their ids listed, as "and N more"."""
+        """The payload of one group or throttle-summary message (``facts``: see ``group_facts``); alerts
+        beyond the channel's ``digest_max_alerts`` are counted, and their ids listed, as "and N more"."""
         channel = self.settings.channels[channel_name]
-        limit = channel.digest_max_alerts
-        context = {
-            **facts,
-            "alerts": [_alert_doc(n) for n in alerts[:limit]],
-            "more": [n.event_id for n in alerts[limit:]],
-            "count": len(alerts),
-            "channel": channel_name,
-            "rules": sorted({n.rule for n in alerts}),
-        }
+        context = group_context(channel_name, alerts, facts, channel.digest_max_alerts)
         wanted = channel.required_blocks + channel.optional_blocks
         parts = self.templates.render_parts(template, wanted, context)
         first = alerts[0].event_id if alerts else "group"
         return channel.build_payload(parts, PayloadMeta(event_id=f"group:{first}+{len(alerts) - 1}", rule="group"))
+
+
+def digest_context(channel_name: str, alerts: Sequence[Notification]) -> dict[str, Any]:
+    """What a digest template sees (DIGEST_CONTEXT)."""
+    return {
+        "alerts": [_alert_doc(n) for n in alerts],
+        "count": len(alerts),
+        "channel": channel_name,
+        "rules": sorted({n.rule for n in alerts}),
+    }
+
+
+def group_facts(
+    kind: str,
+    group: dict[str, Any],
+    rule: str,
+    severity: str,
+    first: str,
+    last: str,
+    part: int,
+    parts: int,
+    number: int,
+) -> dict[str, Any]:
+    """A group's or throttle summary's facts: its key values, rule, first/last alert times (ISO), which
+    part of how many parts, and the how-manieth message of the group this is."""
+    return {
+        "kind": kind,
+        "group": group,
+        "rule": {"name": rule, "severity": severity},
+        "first": first,
+        "last": last,
+        "part": part,
+        "parts": parts,
+        "message_number": number,
+    }
+
+
+def group_context(
+    channel_name: str, alerts: Sequence[Notification], facts: dict[str, Any], limit: int
+) -> dict[str, Any]:
+    """What a group template sees (GROUP_CONTEXT): the facts, and the digest context of the first
+    ``limit`` alerts, with the ids of the rest as ``more``."""
+    return {
+        **facts,
+        **digest_context(channel_name, alerts[:limit]),
+        "more": [n.event_id for n in alerts[limit:]],
+        "count": len(alerts),
+        "rules": sorted({n.rule for n in alerts}),
+    }
 
 
 def _alert_doc(n: Notification) -> dict[str, Any]:
@@ -156,9 +204,9 @@ def _alert_doc(n: Notification) -> dict[str, Any]:
     }
 
 
-def summary_line(event: Event, rule: Rule) -> str:
+def summary_line(event: Event, rule: str, severity: str) -> str:
     view = event.view
-    bits = [f"[{rule.spec.severity}]", rule.name, view.get("task_type") or event.type]
+    bits = [f"[{severity}]", rule, view.get("task_type") or event.type]
     bits += [str(v) for v in (view.get("project"), view.get("task_id"), view.get("error_code")) if v]
     moderation = view.get("moderation")
     if moderation and moderation.get("suggestion"):
@@ -249,7 +297,94 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
                 problems.append(_at(config_path, ("inhibit_rules", i, "equal"), problem))
     if problems:
         raise ConfigError("\n".join(problems))
-    return Engine(settings, templates, rules, expressions)
+    engine = Engine(settings, templates, rules, expressions)
+    problems, warnings = _check_templates(engine)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings])
+
+
+def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:
+    """Every template as it is used: names its render does not define are errors (found in the source);
+    then each is rendered for the example events (full, and with only what makes them fail) of every type
+    that its rule takes and matches, and group/digest templates for a list of those alerts. A render that
+    fails is a warning naming the template line and the events it fails for."""
+    templates, settings = engine.templates, engine.settings
+    uses: dict[str, frozenset[str]] = {}
+    for rule in engine.rules.rules:
+        for target in rule.spec.notify:
+            uses[target.template] = EVENT_CONTEXT
+            if target.managed:
+                uses[group_template(settings.channels[target.channel], target)] = GROUP_CONTEXT
+    for channel in settings.channels.values():
+        uses[channel.digest_template or channel.default_digest_template] = DIGEST_CONTEXT
+    problems = [p for name, context in sorted(uses.items()) for p in templates.undefined_names(name, context)]
+    if problems:
+        return problems, []
+
+    failures: dict[str, list[str]] = {}  # "file:line: template …: reason" → the examples it failed for
+
+    def attempt(what: str, render: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return render(*args)
+        except RenderError as exc:
+            place = templates.location(exc.__cause__ or exc)
+            where = f"{place[0]}:{place[1]}: " if place else ""
+            failures.setdefault(f"{where}{exc}", []).append(what)
+            return None
+
+    examples = {
+        event_type: [(f"{event_type} ({kind})", example_event(event_type, data)) for kind, data in payloads.items()]
+        for event_type in sorted(KNOWN_EVENT_TYPES)
+        for payloads in [example_payloads(event_type)]
+    }
+    rendered: dict[tuple[str, str, str], Notification] = {}  # (channel, template, example) → its alert
+    roots: dict[str, dict[str, Any]] = {}  # rule → the root of its first example, for group keys
+    for rule in engine.rules.rules:
+        for event_type in (t for t in examples if rule.applies_to(t)):
+            for label, event in examples[event_type]:
+                root = rule_root(event)
+                try:
+                    if not truthy(search(rule.expression, root)):
+                        continue
+                except (JMESPathError, TypeError, ValueError):
+                    continue
+                roots.setdefault(rule.name, root)
+                context = {"event": root["event"], "data": event.data, "imm": event.view, "rule": _rule_doc(rule)}
+                for target in rule.spec.notify:
+                    key = (target.channel, target.template, label)
+                    if key not in rendered:
+                        made = attempt(label, engine.render, event, rule, target, context)
+                        if made is not None:
+                            rendered[key] = made
+    alerts: dict[tuple[str, str], list[Notification]] = {}  # (channel, rule) → a few of its alerts
+    for (channel_name, _, _), notification in rendered.items():
+        alerts.setdefault((channel_name, notification.rule), []).append(notification)
+    for name in settings.channels:
+        some = [n for (c, _), listed in alerts.items() if c == name for n in listed][:3]
+        attempt("a digest", engine.render_digest, name, some)
+    for rule in engine.rules.rules:
+        for target in (t for t in rule.spec.notify if t.managed):
+            keys = target.group_by or (target.throttle.key if target.throttle else ())
+            facts = group_facts(
+                "group" if target.group_by is not None else "throttle",
+                dict(zip(keys, engine.values(keys, roots.get(rule.name, {})), strict=True)),
+                rule.name,
+                rule.spec.severity,
+                "2026-01-01T00:00:00+00:00",
+                "2026-01-01T00:05:00+00:00",
+                1,
+                1,
+                1,
+            )
+            template = group_template(settings.channels[target.channel], target)
+            listed = alerts.get((target.channel, rule.name), [])[:3]
+            attempt(f"a group of rule {rule.name}", engine.render_group, target.channel, template, listed, facts)
+    warnings = []
+    for failure, cases in failures.items():
+        shown = ", ".join(cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
+        warnings.append(f"{failure} (for {shown}); a real event like that would lose its alert")
+    return [], warnings
 
 
 def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> str:
@@ -261,6 +396,23 @@ def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> s
     except ConfigError:
         line = None
     return str(ConfigError(message, path=str(config_path), line=line))
+
+
+def example_event(event_type: str, data: dict[str, Any]) -> Event:
+    """An EventBridge event of ``event_type`` carrying ``data`` (see ``example_payloads``)."""
+    return decode_object(
+        {
+            "specversion": "1.0",
+            "id": f"example-{event_type}",
+            "source": "acs.imm",
+            "type": event_type,
+            "subject": "acs.imm:cn-hangzhou:1234567890:example-project",
+            "time": "2026-01-01T00:00:05+08:00",
+            "aliyunregionid": "cn-hangzhou",
+            "data": data,
+        },
+        source="example event",
+    )
 
 
 def load(config_path: Path) -> Engine:

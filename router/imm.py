@@ -25,6 +25,23 @@ KNOWN_TASKS = frozenset({
     "FacesSearching", "LiveTranscoding", "DecodeBlindWatermark",
 })  # fmt: skip
 MODERATION_TASKS = frozenset({"ImageModeration", "VideoModeration"})
+# Every event type IMM sends (its EventBridge documentation), as the decoder names them; imm:Unknown is
+# what a bare payload of no recognisable shape becomes.
+KNOWN_EVENT_TYPES = frozenset(
+    {f"imm:Task:{task}" for task in KNOWN_TASKS}
+    | {f"imm:FileMeta:{kind}" for kind in ("Index", "Delete", "BatchIndex", "BatchDelete", "BatchUpdate")}
+    | {f"imm:Engine:{kind}" for kind in ("Exif", "Mime", "OSSMeta", "Tag")}
+    | {f"imm:ActionTrail:{kind}" for kind in ("ApiCall", "AliyunServiceEvent", "ConsoleOperation", "ConsoleSignin")}
+    | {"imm:ActionTrail:ConsoleSignout", "imm:Binding:Task", "imm:Batch:Notification", "imm:Trigger:Notification"}
+    | {"imm:Unknown"}
+)
+# What ``event`` has besides the payload: the CloudEvent envelope IMM events carry, and the router's own
+# normalized attributes (wire_format). MNS envelopes are a subset.
+ENVELOPE_KEYS = frozenset({
+    "id", "source", "specversion", "type", "subject", "time", "datacontenttype", "dataschema", "wire_format",
+    "aliyunaccountid", "aliyunpublishtime", "aliyunoriginalaccountid", "aliyuneventbusname", "aliyunregionid",
+    "aliyunpublishaddr",
+})  # fmt: skip
 FAILED = frozenset({"failed", "failure", "fail", "error"})
 RUNNING = frozenset({"running", "processing", "pending", "queued", "submitted", "created"})
 SUCCEEDED = frozenset({"success", "succeeded", "succeed", "successful", "finished", "ok", "completed"})
@@ -223,3 +240,59 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         "event_source_id": _str(data.get("EventSourceId")),
         "region": region,
     }
+
+
+# The keys of the view and of its ``moderation`` part (the view always has every one of them).
+VIEW_KEYS = frozenset(build_view({}, {}, "imm:Unknown"))
+MODERATION_KEYS = frozenset(build_view({"Suggestion": "pass"}, {}, "imm:Unknown")["moderation"])
+
+
+def example_payloads(event_type: str) -> dict[str, dict[str, Any]]:
+    """Payloads of one event type for checking templates at load: ``full`` (a failure with every field
+    the view reads filled in) and ``minimal`` (only the field that makes it a failure)."""
+    common: dict[str, Any] = {
+        "ProjectName": "example-project",
+        "DatasetName": "example-dataset",
+        "RequestId": "00000000-0000-0000-0000-000000000000",
+        "StartTime": "2026-01-01T00:00:00+08:00",
+        "EndTime": "2026-01-01T00:00:05+08:00",
+        "UserData": '{"k": "v"}',
+        "URI": "oss://example-bucket/path/file.jpg",
+    }
+    family = event_type.split(":")[1] if event_type.count(":") >= 2 else ""
+    minimal: dict[str, Any] = {"State": "Failed"} if family in ("Batch", "Trigger", "Binding") else {"Status": "Failed"}
+    if family == "Task":
+        task = event_type.rsplit(":", 1)[-1]
+        full = common | {
+            "TaskId": "Example-Task-Id",
+            "TaskType": task,
+            "Status": "Failed",
+            "Code": "ResourceNotFound",
+            "Message": "example error message",
+            "EventSourceId": "example-source",
+            "Targets": [{"URI": "oss://example-bucket/out/", "Code": "InvalidArgument", "Message": "bad target"}],
+        }
+        if task in MODERATION_TASKS:
+            full |= {
+                "Suggestion": "block",
+                "Categories": ["porn"],
+                "Frames": {"TotalCount": 100, "BlockFrames": [{"rate": 0.99, "offset": 10, "label": "porn"}]},
+            }
+    elif family in ("Batch", "Trigger"):
+        full = common | {
+            "Id": f"{family.lower()}-example",
+            "State": "Failed",
+            "Error": "example error",
+            "Statistic": {"SubmitSuccess": 1, "SubmitFailure": 2},
+        }
+    elif family == "Binding":
+        full = common | {"TaskId": "Example-Task-Id", "State": "Failed", "Error": "example error", "Marker": "m"}
+    else:
+        full = common | {
+            "Success": False,
+            "Message": "example error message",
+            "Files": [{"URI": "oss://example-bucket/path/file.jpg", "Error": "[InvalidURI] example file error"}],
+        }
+        if family in ("FileMeta", "Engine"):
+            minimal = {"Success": False}
+    return {"full": full, "minimal": minimal}

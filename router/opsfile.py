@@ -3,11 +3,13 @@ expansion, and pydantic errors turned into ``file:line: what to fix`` messages."
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -32,6 +34,19 @@ class LineList(list[Any]):
 
 
 class _Loader(yaml.SafeLoader):
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # An alias expands to a copy of its anchor wherever it is used: nested aliases ("billion laughs")
+        # grow exponentially, so a few hundred bytes would make every later pass over the document run
+        # for minutes. Ops files are short; write the value out.
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise ConfigError(
+                f"YAML alias *{event.anchor} is not allowed (aliases can expand without bound); write the value out",
+                path=self.name,
+                line=event.start_mark.line + 1,
+            )
+        return super().compose_node(parent, index)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> LineDict:
         result = LineDict()
         result.line = node.start_mark.line + 1
@@ -85,21 +100,11 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
         loader.dispose()
 
 
-def line_of(doc: Any, loc: Iterable[int | str]) -> int | None:
-    """The line of the deepest node on ``loc`` (a pydantic error location) that the document has."""
-    line: int | None = getattr(doc, "line", None)
-    node = doc
-    for part in loc:
-        if isinstance(node, LineDict) and part in node:
-            line = node.key_lines.get(part, line)
-            node = node[part]
-        elif isinstance(node, LineList) and isinstance(part, int) and 0 <= part < len(node):
-            line = node.item_lines[part]
-            node = node[part]
-        else:
-            break
-        line = getattr(node, "line", line)
-    return line
+def did_you_mean(word: str, known: Iterable[str], *, suffix: str = "") -> str:
+    """``; did you mean 'x'?`` for the closest of ``known`` (case differences too), or ``""``."""
+    choices = sorted(str(k) for k in known)
+    close = [c for c in choices if c.lower() == word.lower()] or difflib.get_close_matches(word, choices, 1, 0.75)
+    return f"; did you mean {close[0] + suffix!r}?" if close else ""
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -138,20 +143,119 @@ def expand_env(doc: Any, path: Path, env: dict[str, str] | None = None) -> Any:
     return expand(doc, getattr(doc, "line", None))
 
 
-def describe_errors(exc: ValidationError, doc: Any, path: Path, prefix: tuple[int | str, ...] = ()) -> str:
-    """One ``file:line: field: problem`` line per pydantic error, for people to act on."""
+def _unwrap(tp: Any) -> list[Any]:
+    """The concrete types an annotation allows (Annotated and None stripped, unions spread)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, UnionType):
+        return [t for arg in get_args(tp) if arg is not type(None) for t in _unwrap(arg)]
+    return [tp]
+
+
+def _step(tp: Any, part: int | str) -> Any:
+    """The type at ``part`` of a pydantic error location inside a value of type ``tp``, or None."""
+    for option in _unwrap(tp):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            for name, info in option.model_fields.items():
+                if part in (name, info.alias):
+                    return info.annotation
+        elif get_origin(option) is dict and isinstance(part, str):
+            return get_args(option)[1]
+        elif get_origin(option) in (tuple, list) and isinstance(part, int):
+            return get_args(option)[0]
+    # A discriminated union's tag segment (``channels.x.dingtalk``) selects the member.
+    tagged = [m for m in _unwrap(tp) if isinstance(m, type) and issubclass(m, BaseModel) and part in _tags(m)]
+    return tagged[0] if tagged else None
+
+
+def _tags(model: type[BaseModel]) -> tuple[Any, ...]:
+    tag = model.model_fields.get("type")
+    return get_args(tag.annotation) if tag is not None else ()
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts in the mapping at ``loc`` (for a did-you-mean)."""
+    tp: Any = model
+    for part in loc:
+        tp = _step(tp, part)
+        if tp is None:
+            return []
+    keys = []
+    for option in _unwrap(tp):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            keys += [info.alias or name for name, info in option.model_fields.items()]
+    return keys
+
+
+def _as_written(model: type[BaseModel] | None, loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A pydantic error location without the segments pydantic adds itself: a discriminated union's tag
+    (``channels.x.dingtalk.url``) and union member names (``int``, ``function-after[…]``)."""
+    tp: Any = model
+    kept: list[int | str] = []
+    for part in loc:
+        if isinstance(part, str) and "[" in part:
+            continue
+        options = _unwrap(tp) if tp is not None else []
+        models = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+        member = next((m for m in models if part in _tags(m)), None) if len(models) > 1 else None
+        if member is not None:
+            tp = member
+            continue
+        kept.append(part)
+        tp = _step(tp, part) if tp is not None else None
+    return tuple(kept)
+
+
+def _located(doc: Any, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the deepest part of ``loc`` the document has (a missing key: its mapping's line)."""
+    line: int | None = getattr(doc, "line", None)
+    node = doc
+    for i, part in enumerate(loc):
+        if isinstance(node, LineDict) and part in node:
+            line = node.key_lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, LineList) and isinstance(part, int) and 0 <= part < len(node):
+            line = node.item_lines[part]
+            node = node[part]
+        else:
+            break
+        if i < len(loc) - 1:  # a mapping or list on the way: where its content starts
+            line = getattr(node, "line", line)
+    return line
+
+
+def describe_errors(
+    exc: ValidationError,
+    doc: Any,
+    path: Path,
+    model: type[BaseModel] | None = None,
+    from_env: Callable[[tuple[int | str, ...]], str | None] = lambda loc: None,
+) -> str:
+    """One ``file:line: field: problem`` line per pydantic error, for people to act on. ``model`` gives a
+    did-you-mean for unknown keys; ``from_env`` names the environment variable a location came from."""
     lines = []
     for err in exc.errors():
-        loc = prefix + tuple(err["loc"])
+        raw = tuple(err["loc"])
+        loc = _as_written(model, raw) if model is not None else raw
+        line = _located(doc, loc)
         where = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
+            hint = did_you_mean(str(raw[-1]), _keys_at(model, raw[:-1])) if model is not None else ""
+            msg = f"unknown key{hint or '; remove it or check its spelling'}"
         elif err["type"] == "missing":
             msg = "required key is missing; add it"
-        line = line_of(doc, loc)
-        lines.append(f"{path}{':' + str(line) if line else ''}: {where}: {msg}")
+        variable = from_env(loc)
+        if variable:
+            lines.append(f"environment variable {variable}: {where}: {msg}")
+        else:
+            lines.append(f"{path}{':' + str(line) if line else ''}: {where}: {msg}")
     return "\n".join(lines)
+
+
+def line_of(doc: Any, loc: Iterable[int | str]) -> int | None:
+    """The line of the deepest node on ``loc`` (a pydantic error location) that the document has."""
+    return _located(doc, tuple(loc))
 
 
 def validate(model: type[M], doc: Any, path: Path) -> M:
@@ -159,4 +263,4 @@ def validate(model: type[M], doc: Any, path: Path) -> M:
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, doc, path)) from exc
+        raise ConfigError(describe_errors(exc, doc, path, model)) from exc

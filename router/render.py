@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import orjson
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
@@ -32,6 +32,8 @@ from router import jsoncodec
 from router.channels.base import ChannelConfigBase
 from router.config import Settings
 from router.errors import ConfigError, RenderError
+from router.imm import VIEW_KEYS
+from router.opsfile import did_you_mean
 
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2")
 SEVERITY_ICON = {"critical": "🔴", "warning": "🟠", "info": "🔵"}
@@ -249,6 +251,7 @@ class TemplateSet:
         # name → the template and its ancestors (``{% extends %}``), child first.
         self.text: dict[str, list[Template]] = {}
         self.html: dict[str, list[Template]] = {}
+        self._ast: dict[str, nodes.Template] = {}  # name → parsed source, for the checks at load
         problems = []
         for name in self.names():
             try:
@@ -288,7 +291,8 @@ class TemplateSet:
                 raise ConfigError("templates extend each other in a loop; break the cycle", path=str(self.dir / name))
             chain.append(env.get_template(current))
             source = env.loader.get_source(env, current)[0] if env.loader else ""
-            extends = list(env.parse(source).find_all(nodes.Extends))
+            ast = self._ast[current] = env.parse(source)
+            extends = list(ast.find_all(nodes.Extends))
             if not extends:
                 current = None
             elif isinstance(extends[0].template, nodes.Const) and isinstance(extends[0].template.value, str):
@@ -359,6 +363,38 @@ class TemplateSet:
             )
         return None
 
+    def undefined_names(self, name: str, context: frozenset[str]) -> list[str]:
+        """``file:line: …`` for each name template ``name`` (and what it extends) uses that a render with
+        ``context`` does not define, and each ``imm.<key>`` the view does not have: under StrictUndefined
+        either fails every render that reaches it. Found from the parsed source, so every branch counts."""
+        known = context | frozenset(self.text_env.globals)
+        problems = []
+        for template in self.text[name]:
+            assert template.name is not None
+            ast, where = self._ast[template.name], self.dir / template.name
+            for missing in sorted(meta.find_undeclared_variables(ast) - known):
+                line = next(n.lineno for n in ast.find_all(nodes.Name) if n.name == missing and n.ctx == "load")
+                hint = did_you_mean(missing, known) or f"; a {name!r} render has: {', '.join(sorted(context))}"
+                problems.append(f"{where}:{line}: template {name!r}: {missing!r} is not defined{hint}")
+            if "imm" in context:
+                for line, key in _unknown_view_keys(ast):
+                    hint = did_you_mean(key, VIEW_KEYS) or f"; imm has: {', '.join(sorted(VIEW_KEYS))}"
+                    problems.append(f"{where}:{line}: template {name!r}: imm.{key} is not a key of the imm view{hint}")
+        return list(dict.fromkeys(problems))
+
+    def location(self, exc: BaseException) -> tuple[Path, int] | None:
+        """The template file and line where a render error was raised (its innermost template frame)."""
+        by_file = {t.filename: t for chain in self.text.values() for t in chain if t.filename}
+        by_file |= {t.filename: t for chain in self.html.values() for t in chain if t.filename}
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            template = by_file.get(tb.tb_frame.f_code.co_filename)
+            if template is not None and template.name is not None:
+                found = (self.dir / template.name, template.get_corresponding_lineno(tb.tb_lineno))
+            tb = tb.tb_next
+        return found
+
     def render_parts(self, name: str, wanted: tuple[str, ...], context: Mapping[str, Any]) -> dict[str, str]:
         """Render the named blocks that the template defines, within one time and output budget."""
         parts: dict[str, str] = {}
@@ -403,6 +439,32 @@ class TemplateSet:
             for block, render in ancestor.blocks.items():
                 context.blocks.setdefault(block, []).append(render)
         return context
+
+
+def _unknown_view_keys(ast: nodes.Template) -> list[tuple[int, str]]:
+    """(line, key) of ``imm.key`` / ``imm['key']`` reads of keys the view lacks, except under a
+    ``default`` filter or a ``defined`` test (which handle the undefined value)."""
+    found = []
+    stack: list[tuple[nodes.Node, nodes.Node | None]] = [(ast, None)]
+    while stack:
+        node, parent = stack.pop()
+        stack.extend((child, node) for child in node.iter_child_nodes())
+        key = None
+        if isinstance(node, nodes.Getattr):
+            key = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            key = node.arg.value
+        if key is None or key in VIEW_KEYS:
+            continue
+        target = node.node  # type: ignore[attr-defined]
+        if not (isinstance(target, nodes.Name) and target.name == "imm" and target.ctx == "load"):
+            continue
+        guarded = (isinstance(parent, nodes.Filter) and parent.name in ("default", "d")) or (
+            isinstance(parent, nodes.Test) and parent.name in ("defined", "undefined")
+        )
+        if not guarded:
+            found.append((node.lineno, key))
+    return sorted(found)
 
 
 def template_set(settings: Settings) -> TemplateSet:

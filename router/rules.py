@@ -11,25 +11,33 @@ Two indexes, both built at load:
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import fnmatch
+import itertools
+import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import jmespath
 from jmespath import functions
-from jmespath.exceptions import JMESPathError, ParseError
-from jmespath.visitor import Options, TreeInterpreter
+from jmespath.exceptions import JMESPathError, LexerError, ParseError
+from jmespath.lexer import Lexer
+from jmespath.visitor import Options
 from pydantic import Field, field_validator
 
+from router import expr
 from router.alerting.timing import Duration
 from router.channels.base import Frozen
 from router.decode import Event
 from router.errors import ConfigError
-from router.opsfile import LineDict, LineList, load_yaml, validate
+from router.expr import Expression
+from router.imm import ENVELOPE_KEYS, KNOWN_EVENT_TYPES, MODERATION_KEYS, VIEW_KEYS, canonical_type
+from router.opsfile import LineDict, LineList, did_you_mean, load_yaml, validate
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,8 @@ class _Functions(functions.Functions):
         return s is not None and fnmatch.fnmatchcase(s, pattern)
 
 
-JMESPATH_OPTIONS = Options(custom_functions=_Functions())
+RULE_FUNCTIONS = _Functions()
+JMESPATH_OPTIONS = Options(custom_functions=RULE_FUNCTIONS)
 
 
 def truthy(value: Any) -> bool:
@@ -118,7 +127,7 @@ class Rule:
     order: int
     path: Path
     line: int
-    expression: Any  # jmespath ParsedResult
+    expression: Expression
     errors: int = 0
 
     @property
@@ -130,102 +139,281 @@ class Rule:
         return patterns is None or any(fnmatch.fnmatchcase(event_type, p) for p in patterns)
 
 
-# --- equality index -------------------------------------------------------------------------
+# --- index -----------------------------------------------------------------------------------
+#
+# From a rule's condition, probes: what must hold of one sub-expression of the root (its subject) for the
+# rule to match. The index evaluates each subject once per event and keeps only the rules whose probe
+# holds; they then get their full evaluation, so a probe need only be implied, never exact. A probe never
+# hides an evaluation error: it comes from a top-level conjunct evaluated after conjuncts that cannot
+# raise, and a subject value that would make its conjunct raise (or a subject that raises) keeps the rules.
+#   eq         subject == 'literal' (alone, an || of such on one subject, contains(['a', 'b'], subject))
+#   prefix     starts_with(subject, 'literal')
+#   contains   contains(subject, 'literal'): a substring of a string, an element of a list
+#   truthy     the conjunct itself, where several rules share it (imm.failed)
+#   nonempty   length(subject) > n (n >= 0): subject is not an empty string, list or object
+#   items      length(subject[?...]) > n, length(subject[*].x) > n: subject is not an empty list
+#   above      subject > n, subject >= n (n a number): subject is a number at least n (or a string: raises)
+#   below      subject < n, subject <= n
+#   present    subject < 'literal' (any ordering) or glob('*pattern', subject): subject is not null
+#              (glob('abc*', subject) is a prefix probe)
 
-PathKey = tuple[str, ...]
+EVAL_ERRORS = (JMESPathError, TypeError, ValueError, RecursionError)
+
+Kind = Literal["eq", "prefix", "contains", "above", "below", "truthy", "nonempty", "items", "present"]
+_KIND_ORDER: dict[Kind, int] = {k: i for i, k in enumerate(Kind.__args__)}  # type: ignore[attr-defined]
+_LITERAL_PROBES: dict[str, Kind] = {"starts_with": "prefix", "contains": "contains"}
+# Nodes that evaluate without raising when their children do (functions and ordering can raise).
+_SAFE_NODES = frozenset(
+    (
+        *("field", "subexpression", "current", "identity", "literal", "index", "slice", "pipe"),
+        *("index_expression", "projection", "value_projection", "filter_projection", "flatten"),
+        *("multi_select_list", "multi_select_dict", "key_val_pair", "and_expression", "or_expression"),
+        "not_expression",
+    )
+)
 
 
-def _field_path(node: dict[str, Any]) -> PathKey | None:
-    if node["type"] == "field":
-        return (node["value"],)
-    if node["type"] == "subexpression":
-        keys: list[str] = []
-        for child in node["children"]:
-            sub = _field_path(child)
-            if sub is None:
-                return None
-            keys.extend(sub)
-        return tuple(keys)
-    return None
+@dataclass(frozen=True)
+class Probe:
+    kind: Kind
+    subject: str  # canonical form of the subject's tree: rules sharing a subject share its evaluation
+    values: frozenset[Any] = frozenset()  # the literals (eq, prefix, contains) or the bound (above, below)
+
+
+def _safe(node: dict[str, Any]) -> bool:
+    kind = node["type"]
+    if kind == "comparator" and node["value"] in ("eq", "ne"):
+        pass
+    elif kind not in _SAFE_NODES:
+        return False
+    return all(_safe(c) for c in node.get("children", []) if isinstance(c, dict))
+
+
+def _subject(node: dict[str, Any]) -> str | None:
+    return None if node["type"] == "literal" else json.dumps(node, sort_keys=True)
 
 
 def _string_literal(node: dict[str, Any]) -> str | None:
     return node["value"] if node["type"] == "literal" and isinstance(node["value"], str) else None
 
 
-def implied_values(node: dict[str, Any]) -> dict[PathKey, frozenset[str]]:
-    """Paths whose value must be one of a set of strings for ``node`` to be true."""
+def implied_values(node: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> dict[str, frozenset[str]]:
+    """Subjects whose value must be one of a set of strings for ``node`` to be true (``nodes`` collects
+    each subject's tree)."""
     kind = node["type"]
     if kind == "comparator" and node["value"] == "eq":
         left, right = node["children"]
-        for path_node, lit_node in ((left, right), (right, left)):
-            path, literal = _field_path(path_node), _string_literal(lit_node)
-            if path is not None and literal is not None:
-                return {path: frozenset({literal})}
+        for subject_node, lit_node in ((left, right), (right, left)):
+            subject, literal = _subject(subject_node), _string_literal(lit_node)
+            if subject is not None and literal is not None:
+                nodes[subject] = subject_node
+                return {subject: frozenset({literal})}
         return {}
     if kind == "and_expression":
-        merged: dict[PathKey, frozenset[str]] = {}
+        merged: dict[str, frozenset[str]] = {}
         for child in node["children"]:
-            for path, values in implied_values(child).items():
-                merged[path] = merged[path] & values if path in merged else values
+            for subject, values in implied_values(child, nodes).items():
+                merged[subject] = merged[subject] & values if subject in merged else values
         return merged
     if kind == "or_expression":
-        left, right = (implied_values(c) for c in node["children"])
+        left, right = (implied_values(c, nodes) for c in node["children"])
         return {p: left[p] | right[p] for p in left.keys() & right.keys()}
     if kind == "function_expression" and node["value"] == "contains" and len(node["children"]) == 2:
         haystack, needle = node["children"]
-        path = _field_path(needle)
-        if path is not None and haystack["type"] in ("multi_select_list", "literal"):
+        subject = _subject(needle)
+        if subject is not None and haystack["type"] in ("multi_select_list", "literal"):
             items = haystack["children"] if haystack["type"] == "multi_select_list" else None
             options: Any = [_string_literal(c) for c in items] if items is not None else haystack["value"]
             if isinstance(options, list) and options and all(isinstance(v, str) for v in options):
-                return {path: frozenset(options)}
+                nodes[subject] = needle
+                return {subject: frozenset(options)}
     return {}
 
 
-def _getter(path: PathKey) -> Callable[[dict[str, Any]], Any]:
-    def get(root: dict[str, Any]) -> Any:
-        value: Any = root
-        for key in path:
-            if not isinstance(value, dict):
-                return None
-            value = value.get(key)
-        return value
+def _conjuncts(node: dict[str, Any]) -> list[dict[str, Any]]:
+    if node["type"] == "and_expression":
+        return [c for child in node["children"] for c in _conjuncts(child)]
+    return [node]
 
-    return get
+
+def _length_base(node: dict[str, Any]) -> dict[str, Any] | None:
+    """x of ``length(x) > n`` (n >= 0) or ``length(x) >= n`` (n >= 1): true only if x is not empty."""
+    if node["type"] != "comparator" or node["value"] not in ("gt", "gte"):
+        return None
+    call, bound = node["children"]
+    if call["type"] != "function_expression" or call["value"] != "length" or len(call["children"]) != 1:
+        return None
+    n = bound["value"] if bound["type"] == "literal" else None
+    if not isinstance(n, int | float) or isinstance(n, bool) or n < (0 if node["value"] == "gt" else 1):
+        return None
+    base: dict[str, Any] = call["children"][0]
+    return base
+
+
+def _probe_of(c: dict[str, Any]) -> tuple[Kind, dict[str, Any], frozenset[str]] | None:
+    """The probe one conjunct gives besides equality, if any."""
+    kind, children = c["type"], c.get("children", [])
+    if kind == "function_expression" and len(children) == 2:
+        name = c["value"]
+        literal = _string_literal(children[1])
+        if name in _LITERAL_PROBES and literal:  # '' is a prefix and a substring of every string
+            return _LITERAL_PROBES[name], children[0], frozenset([literal])
+        pattern = _string_literal(children[0])
+        if name == "glob" and pattern is not None:
+            prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+            return ("prefix", children[1], frozenset([prefix])) if prefix else ("present", children[1], frozenset())
+        return None
+    if kind == "comparator" and c["value"] in ("lt", "gt", "lte", "gte"):
+        left, right = children
+        base = _length_base(c)
+        if base is not None:
+            if base["type"] in ("projection", "filter_projection", "flatten"):
+                while base["type"] in ("projection", "filter_projection", "flatten"):
+                    base = base["children"][0]
+                return "items", base, frozenset()
+            return "nonempty", base, frozenset()
+        for operand, other, upward in ((left, right, ("gt", "gte")), (right, left, ("lt", "lte"))):
+            if other["type"] == "literal" and _comparable(other["value"]) and _safe(operand):
+                if not _is_number(other["value"]):
+                    return "present", operand, frozenset()
+                return ("above" if c["value"] in upward else "below"), operand, frozenset([other["value"]])
+        return None
+    if _safe(c) and kind not in ("literal", "comparator"):
+        return "truthy", c, frozenset()
+    return None
+
+
+def rule_probes(node: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[Probe]:
+    """Every probe ``node`` implies (collecting each subject's tree in ``nodes``): from its top-level
+    conjuncts in order, up to and including the first that could raise."""
+    found: list[tuple[Kind, dict[str, Any], frozenset[str]]] = []
+    for c in _conjuncts(node):
+        eq = implied_values(c, nodes)
+        found.extend(("eq", nodes[subject], values) for subject, values in eq.items())
+        other = None if eq else _probe_of(c)
+        if other is not None:
+            found.append(other)
+        if not _safe(c):
+            break
+    probes = []
+    for kind, subject_node, values in found:
+        subject = _subject(subject_node)
+        if subject is not None:
+            nodes[subject] = subject_node
+            probes.append(Probe(kind, subject, values))
+    return probes
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _comparable(x: Any) -> bool:
+    return isinstance(x, str) or _is_number(x)
+
+
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def _table(kind: Kind, entries: list[tuple[Probe, Rule]]) -> Any:
+    if kind in ("above", "below"):
+        ranked = sorted(((next(iter(probe.values)), rule) for probe, rule in entries), key=lambda e: e[0])
+        return [bound for bound, _ in ranked], [rule for _, rule in ranked]
+    if kind not in ("eq", "prefix", "contains"):
+        return [rule for _, rule in entries]
+    by_value: dict[str, list[Rule]] = defaultdict(list)
+    for probe, rule in entries:
+        for value in probe.values:
+            by_value[value].append(rule)
+    if kind == "prefix":
+        return sorted({len(v) for v in by_value}), dict(by_value)
+    return dict(by_value)
 
 
 @dataclass
 class _Plan:
-    """The rules one event type can meet, split into always-evaluated and indexed ones."""
+    """The rules one event type can meet: always-evaluated ones, and per probed subject a table."""
 
     always: list[Rule]
-    indexed: list[tuple[Callable[[dict[str, Any]], Any], dict[str, list[Rule]]]]
+    probes: list[tuple[Getter, Kind, Any]]  # eq/prefix/contains: value -> rules; truthy/present: rules
 
     def candidates(self, root: dict[str, Any]) -> list[Rule]:
         found = list(self.always)
-        for get, table in self.indexed:
-            value = get(root)
-            if isinstance(value, str):
-                hit = table.get(value)
-                if hit:
+        for get, kind, table in self.probes:
+            try:
+                value = get(root)
+            except EVAL_ERRORS:
+                found.extend(_every_rule(kind, table))  # their conditions raise here: let them, to be counted
+                continue
+            if kind == "eq":
+                if isinstance(value, str) and (hit := table.get(value)):
                     found.extend(hit)
-        if len(found) > 1 and self.indexed:
+            elif kind == "prefix" or kind == "contains":
+                if not isinstance(value, str) and not (kind == "contains" and isinstance(value, list)):
+                    found.extend(_every_rule(kind, table))  # starts_with / contains raise on this type
+                elif kind == "prefix":
+                    lengths, prefixes = table
+                    for n in lengths:
+                        if n > len(value):
+                            break
+                        if hit := prefixes.get(value[:n]):
+                            found.extend(hit)
+                elif isinstance(value, str):
+                    for literal, hit in table.items() if value else ():
+                        if literal in value:
+                            found.extend(hit)
+                else:
+                    for item in {v for v in value if isinstance(v, str)}:
+                        if hit := table.get(item):
+                            found.extend(hit)
+            elif kind == "above" or kind == "below":
+                bounds, ranked = table
+                if isinstance(value, str):
+                    found.extend(ranked)  # a string against a number raises: let them, to be counted
+                elif _is_number(value):
+                    if kind == "above":
+                        found.extend(ranked[: bisect.bisect_right(bounds, value)])
+                    else:
+                        found.extend(ranked[bisect.bisect_left(bounds, value) :])
+            elif kind == "truthy":
+                if truthy(value):
+                    found.extend(table)
+            elif kind == "present":
+                if value is not None:
+                    found.extend(table)
+            elif kind == "items":
+                if not (isinstance(value, list) and not value):
+                    found.extend(table)
+            elif not (isinstance(value, str | list | dict) and not value):  # nonempty
+                found.extend(table)
+        if len(found) > 1 and self.probes:
             found.sort(key=lambda r: r.order)
         return found
+
+
+def _every_rule(kind: Kind, table: Any) -> list[Rule]:
+    if kind in ("prefix", "above", "below"):
+        table = table[1]
+    if isinstance(table, dict):
+        return list(dict.fromkeys(rule for rules in table.values() for rule in rules))
+    return list(table)
 
 
 @dataclass
 class RuleSet:
     rules: list[Rule]
+    # ``file:line: …`` for what is valid but would never match as meant (``check`` shows them).
+    warnings: list[str] = field(default_factory=list)
     # Called with each rule that fails on an event (the service counts them per rule).
     on_error: Callable[[Rule], None] | None = None
     _plans: dict[str, _Plan] = field(default_factory=dict)
-    _implied: dict[int, dict[PathKey, frozenset[str]]] = field(default_factory=dict)
-    _interpreter: TreeInterpreter = field(default_factory=lambda: TreeInterpreter(JMESPATH_OPTIONS))
+    _probes: dict[int, list[Probe]] = field(default_factory=dict)
+    _getters: dict[str, Getter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._implied = {id(r): implied_values(r.expression.parsed) for r in self.rules}
+        nodes: dict[str, dict[str, Any]] = {}
+        self._probes = {id(r): rule_probes(r.expression.parsed, nodes) for r in self.rules}
+        self._getters = {subject: expr.compile_tree(node, RULE_FUNCTIONS) for subject, node in nodes.items()}
 
     def plan(self, event_type: str) -> _Plan:
         plan = self._plans.get(event_type)
@@ -236,32 +424,31 @@ class RuleSet:
         return plan
 
     def _build_plan(self, rules: list[Rule]) -> _Plan:
-        # File each rule under its most selective path: the one with the most distinct literals.
-        distinct: dict[PathKey, set[str]] = defaultdict(set)
+        # File each rule under its most selective probe: the one whose subject has the most distinct
+        # values across these rules (then eq before prefix before contains before gates).
+        distinct: dict[tuple[Kind, str], set[str]] = defaultdict(set)
         for rule in rules:
-            for path, values in self._implied[id(rule)].items():
-                distinct[path] |= values
+            for probe in self._probes[id(rule)]:
+                distinct[probe.kind, probe.subject] |= probe.values or {""}
         always: list[Rule] = []
-        tables: dict[PathKey, dict[str, list[Rule]]] = defaultdict(lambda: defaultdict(list))
+        filed: dict[tuple[Kind, str], list[tuple[Probe, Rule]]] = defaultdict(list)
         for rule in rules:
-            implied = self._implied[id(rule)]
-            if not implied:
+            probes = self._probes[id(rule)]
+            if not probes:
                 always.append(rule)
                 continue
-            path = max(implied, key=lambda p: len(distinct[p]))
-            for value in implied[path]:
-                tables[path][value].append(rule)
-        return _Plan(always, [(_getter(p), dict(t)) for p, t in tables.items()])
+            best = max(probes, key=lambda p: (len(distinct[p.kind, p.subject]), -_KIND_ORDER[p.kind]))
+            filed[best.kind, best.subject].append((best, rule))
+        return _Plan(always, [(self._getters[s], k, _table(k, entries)) for (k, s), entries in filed.items()])
 
     def match(self, event: Event, root: dict[str, Any]) -> list[Rule]:
         """Every rule whose types and condition match. A rule that errors does not match."""
         matched = []
-        visit = self._interpreter.visit
         for rule in self.plan(event.type).candidates(root):
             try:
-                if truthy(visit(rule.expression.parsed, root)):
+                if truthy(rule.expression.search(root)):
                     matched.append(rule)
-            except (JMESPathError, TypeError, ValueError, RecursionError) as exc:
+            except EVAL_ERRORS as exc:
                 rule.errors += 1
                 if self.on_error is not None:
                     self.on_error(rule)
@@ -285,11 +472,26 @@ def rule_root(event: Event) -> dict[str, Any]:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def compile_expression(text: str, *, what: str, path: str | None = None, line: int | None = None) -> Any:
+# The interpreter recurses about twice per level; deeper expressions would hit Python's recursion limit
+# while an event is evaluated (in the service, on the event loop).
+MAX_EXPRESSION_DEPTH = 100
+_COMPARATORS = frozenset({"eq", "ne", "lt", "lte", "gt", "gte"})
+# Node types whose first child is evaluated against the same document as the node, and the rest
+# against what the first child produced (so ``imm.x`` there is not the rule root's ``imm``).
+_CHAINS = frozenset(
+    {"subexpression", "index_expression", "projection", "value_projection", "filter_projection", "pipe", "flatten"}
+)
+
+
+def compile_expression(text: str, *, what: str, path: str | None = None, line: int | None = None) -> Expression:
     """Compile one JMESPath expression written by a person (a rule's ``when``, a ``group_by`` entry, a
-    silence's ``--match``); ``what`` names it in the error, which shows where the parse failed."""
+    silence's ``--match``) with the rule functions; ``what`` names it in the error, which shows where the
+    parse failed.
+
+    Besides syntax it refuses what would fail on every event: unknown functions, wrong argument
+    counts and nesting deeper than the interpreter can evaluate."""
     try:
-        return jmespath.compile(text)
+        expression = expr.compile(text, functions=RULE_FUNCTIONS)
     except ParseError as exc:
         pointer = " " * (exc.lex_position or 0) + "^"
         raise ConfigError(
@@ -300,14 +502,127 @@ def compile_expression(text: str, *, what: str, path: str | None = None, line: i
         ) from None
     except JMESPathError as exc:
         raise ConfigError(f"{what} is not valid JMESPath: {exc}", path=path, line=line) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{what} is nested too deeply to evaluate; split it into several rules, or test one path against "
+            "many values with contains(['a', 'b'], path)",
+            path=path,
+            line=line,
+        ) from None
+    parsed = expression.parsed
+    problem = _depth_problem(parsed) or _function_problem(parsed)
+    if problem:
+        raise ConfigError(f"{what}: {problem}", path=path, line=line)
+    return expression
 
 
-def search(expression: Any, root: dict[str, Any]) -> Any:
-    """Evaluate a compiled expression with the rule functions (lower, upper, glob)."""
-    return expression.search(root, options=JMESPATH_OPTIONS)
+def _nodes(root: dict[str, Any]) -> list[tuple[dict[str, Any], int, bool]]:
+    """Every node of a parsed expression with its depth and whether it reads the rule root (iterative:
+    the tree may be deeper than Python's recursion limit)."""
+    found = []
+    stack = [(root, 1, True)]
+    while stack:
+        node, depth, on_root = stack.pop()
+        found.append((node, depth, on_root))
+        chain = node["type"] in _CHAINS
+        children = [
+            (child, depth + 1, on_root and not (chain and i > 0) and node["type"] != "expref")
+            for i, child in enumerate(node.get("children", ()))
+            if isinstance(child, dict)
+        ]
+        stack.extend(reversed(children))  # popped in source order
+    return found
 
 
-def _compile(spec: RuleSpec, path: Path, line: int) -> Any:
+def _depth_problem(root: dict[str, Any]) -> str | None:
+    depth = max(d for _, d, _ in _nodes(root))
+    if depth <= MAX_EXPRESSION_DEPTH:
+        return None
+    return (
+        f"nested {depth} levels deep, more than the {MAX_EXPRESSION_DEPTH} that can be evaluated; split it into "
+        "several rules, or test one path against many values with contains(['a', 'b'], path)"
+    )
+
+
+def _function_problem(root: dict[str, Any]) -> str | None:
+    table = RULE_FUNCTIONS.FUNCTION_TABLE
+    for node, _, _ in _nodes(root):
+        if node["type"] != "function_expression":
+            continue
+        name, given = node["value"], len(node["children"])
+        if name not in table:
+            hint = did_you_mean(name, table, suffix="()") or f"; functions: {', '.join(sorted(table))}"
+            return f"unknown function {name}(){hint}"
+        signature = table[name]["signature"]
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        if given < len(signature) or (given > len(signature) and not variadic):
+            wanted = f"{'at least ' if variadic else ''}{len(signature)}"
+            return f"{name}() takes {wanted} argument(s), not {given}"
+    return None
+
+
+def expression_warnings(expression: Any) -> list[str]:
+    """What in a compiled expression is valid but almost certainly not meant: a path into ``imm`` or
+    ``event`` that those documents never have, and a double-quoted right-hand side of a comparison
+    (in JMESPath ``"prod"`` names a field; the string is ``'prod'``)."""
+    found = []
+    for node, _, on_root in _nodes(expression.parsed):
+        path = expr.field_chain(node) if on_root else None
+        if path and len(path) > 1 and path[0] in ("imm", "event"):
+            problem = _unknown_key(path)
+            if problem:
+                found.append(problem)
+    try:
+        tokens = list(Lexer().tokenize(expression.text))
+    except LexerError:  # it compiled, so it lexes; nothing to add otherwise
+        tokens = []
+    for before, token in itertools.pairwise(tokens):
+        if token["type"] == "quoted_identifier" and before["type"] in _COMPARATORS:
+            found.append(
+                f'"{token["value"]}" after {before["value"]} is a field name in JMESPath, not a string; '
+                f"write '{token['value']}' to compare with the text"
+            )
+    return list(dict.fromkeys(found))
+
+
+def _unknown_key(path: tuple[str, ...]) -> str | None:
+    root, key = path[0], path[1]
+    known = VIEW_KEYS if root == "imm" else ENVELOPE_KEYS
+    if key not in known:
+        hint = did_you_mean(key, known) or f"; {root} has: {', '.join(sorted(known))}"
+        return f"{root}.{key} is not a key of `{root}` (always null){hint}"
+    if root == "imm" and key == "moderation" and len(path) > 2 and path[2] not in MODERATION_KEYS:
+        hint = did_you_mean(path[2], MODERATION_KEYS) or f"; it has: {', '.join(sorted(MODERATION_KEYS))}"
+        return f"imm.moderation.{path[2]} is not a key of imm.moderation (always null){hint}"
+    return None
+
+
+def pattern_warnings(patterns: tuple[str, ...]) -> list[str]:
+    """An ``events:`` pattern that matches none of the IMM event types (after the router's own type
+    normalization), with the closest type there is."""
+    found = []
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(t, pattern) for t in KNOWN_EVENT_TYPES):
+            continue
+        canonical = canonical_type(pattern)
+        if canonical != pattern and canonical in KNOWN_EVENT_TYPES:
+            hint = f"; events arrive as {canonical!r}, write that"
+        else:
+            lowered = {t.lower(): t for t in KNOWN_EVENT_TYPES}
+            close = lowered.get(pattern.lower()) or next(
+                iter(difflib.get_close_matches(pattern, sorted(KNOWN_EVENT_TYPES), n=1, cutoff=0.6)), None
+            )
+            hint = f"; did you mean {close!r}?" if close else '; see README "Event types"'
+        found.append(f"events pattern {pattern!r} matches no IMM event type{hint}")
+    return found
+
+
+def search(expression: Expression, root: dict[str, Any]) -> Any:
+    """Evaluate a compiled expression (the rule functions lower, upper, glob compiled in)."""
+    return expression.search(root)
+
+
+def _compile(spec: RuleSpec, path: Path, line: int) -> Expression:
     return compile_expression(spec.when, what=f"rule {spec.name!r}: `when`", path=str(path), line=line)
 
 
@@ -330,6 +645,7 @@ def load_rules(
 ) -> RuleSet:
     """Load and compile every rule file. ``check_notify`` returns a problem with a notify entry, if any."""
     problems: list[str] = []
+    warnings: list[str] = []
     rules: list[Rule] = []
     first_seen: dict[str, tuple[Path, int]] = {}
     for path in rule_files(rules_dir):
@@ -361,6 +677,12 @@ def load_rules(
             except ConfigError as exc:
                 problems.append(str(exc))
                 continue
+            events_line = node.key_lines.get("events", line) if isinstance(node, LineDict) else line
+            for at, found in (
+                (when_line, expression_warnings(expression)),
+                (events_line, pattern_warnings(spec.events or ())),
+            ):
+                warnings.extend(f"{path}:{at}: rule {spec.name!r}: {w}" for w in found)
             notify_node = node.get("notify") if isinstance(node, LineDict) else None
             for j, target in enumerate(spec.notify):
                 problem = check_notify(target)
@@ -371,4 +693,4 @@ def load_rules(
                 rules.append(Rule(spec, len(rules), path, line, expression))
     if problems:
         raise ConfigError("\n".join(problems))
-    return RuleSet(rules)
+    return RuleSet(rules, warnings)

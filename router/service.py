@@ -1,8 +1,7 @@
 """The service: consume IMM events from Kafka, route, hand each notification to its channel's owner,
 manage and deliver it there, commit — at least once, with any number of replicas (see ``Service``).
 
-Dead letters keep the source record's key, value and headers and add why and where from; ``replay``
-routes them again.
+Where events come in (the consumer loop, the dead-letter topic, replay) is router.sources.
 """
 
 from __future__ import annotations
@@ -11,9 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,35 +28,15 @@ from router.alerting.silences import SilenceStore
 from router.alerting.topics import TopicFollower, TopicSpec, ensure_topics
 from router.channels import make_channel
 from router.config import KafkaSettings
-from router.consumer import Bounds, ConsumerStage, Handler
-from router.decode import decode, iter_events
+from router.decode import decode
 from router.delivery.pipeline import Delivery
 from router.engine import Engine, RouteResult, load
 from router.errors import ConfigError, DecodeError
 from router.metrics import Metrics
 from router.ops import OpsServer, Watcher, secret_values, setup_logging
+from router.sources.kafka import MAX_BACKOFF, Bounds, ConsumerStage, DeadLetters, Handler, produce, quietly, where
 
 log = logging.getLogger(__name__)
-
-DLQ_PREFIX = "imm-dlq-"
-MAX_BACKOFF = 30.0
-
-
-def dead_letter_headers(
-    original: Iterable[tuple[str, bytes]], reason: str, topic: str, partition: int, offset: int, **extra: str | None
-) -> list[tuple[str, bytes]]:
-    """The original headers (earlier dead-letter headers dropped) plus why and where from."""
-    headers = [(k, v) for k, v in original if not k.startswith(DLQ_PREFIX)]
-    facts = {
-        "reason": reason[:2000],
-        "topic": topic,
-        "partition": str(partition),
-        "offset": str(offset),
-        "time": str(int(time.time() * 1000)),
-        **extra,
-    }
-    headers += [(DLQ_PREFIX + k, v.encode()) for k, v in facts.items() if v is not None]
-    return headers
 
 
 class Changelog:
@@ -70,7 +48,7 @@ class Changelog:
 
     async def put(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
         body = None if value is None else jsoncodec.dumps(value, option=orjson.OPT_NON_STR_KEYS)
-        await _produce(self.producer, self.topic, key=key.encode(), value=body, partition=partition)
+        await produce(self.producer, self.topic, key=key.encode(), value=body, partition=partition)
 
     async def read(self, reader: AIOKafkaConsumer, partitions: set[int]) -> dict[int, list[tuple[str, Any]]]:
         """Every entry of these partitions, oldest first, up to their ends now."""
@@ -94,7 +72,7 @@ class Changelog:
                         try:
                             value = None if r.value is None else jsoncodec.loads(r.value)
                         except orjson.JSONDecodeError:
-                            log.warning("%s: skipping a changelog entry that is not JSON", _where(r))
+                            log.warning("%s: skipping a changelog entry that is not JSON", where(r))
                             continue
                         entries[tp.partition].append((r.key.decode(errors="replace"), value))
 
@@ -206,7 +184,7 @@ class Service:
                 )
             except KafkaError as exc:
                 for client in reversed(started):
-                    await _quietly(client.stop())
+                    await quietly(client.stop())
                 self.producer = self._reader = self.silences = self.routing = self.notify = None
                 self._followers = []
                 log.warning(
@@ -239,7 +217,7 @@ class Service:
         inhibitions = TopicFollower(
             options,
             kafka.inhibitions_topic,
-            lambda r: self.inhibitions.apply(r.value, where=_where(r)),
+            lambda r: self.inhibitions.apply(r.value, where=where(r)),
         )
         self._followers = [self.silences, inhibitions]
         for follower in self._followers:
@@ -320,10 +298,10 @@ class Service:
             stage.cancel()
         for stage in self._stages():
             await stage.commit(force=True)
-            await _quietly(stage.consumer.stop(), timeout=5.0)
+            await quietly(stage.consumer.stop(), timeout=5.0)
         for client in [*self._followers, self._reader, self.producer]:
             if client is not None:
-                await _quietly(client.stop(), timeout=5.0)
+                await quietly(client.stop(), timeout=5.0)
         log.info("stopped")
 
     # --- routing stage: one source record ---------------------------------------------------------
@@ -380,7 +358,7 @@ class Service:
             record.timestamp,
         )
         sends = [
-            _produce(
+            produce(
                 self.producer,
                 kafka.notifications_topic,
                 key=n.channel.encode(),
@@ -395,7 +373,7 @@ class Service:
                 key = InhibitionLog.key(rule, inhibit.equal, engine.values(inhibit.equal, result.root))
                 self.inhibitions.add(key, seen)  # here at once; other replicas within a fetch
                 sends.append(
-                    _produce(
+                    produce(
                         self.producer,
                         kafka.inhibitions_topic,
                         key=key.encode(),
@@ -454,37 +432,18 @@ class Service:
     # --- dead letters -----------------------------------------------------------------------------
 
     async def _dead_letter(self, record: Any, reason: str, **extra: str | None) -> None:
-        await self._produce_dead_letter(
-            record.key, record.value, record.headers or (), reason, record.topic, record.partition, record.offset, extra
-        )
+        await self._dead_letters().record(record, reason, **extra)
 
     async def _dead_letter_handoff(self, handoff: Handoff, reason: str, attempts: int) -> None:
         n, src = handoff.notification, handoff.source
         extra = {"rule": n.rule, "channel": n.channel, "event_id": n.event_id, "attempts": str(attempts)}
-        await self._produce_dead_letter(
+        await self._dead_letters().produce(
             src.key, src.value, src.headers, f"delivery: {reason}", src.topic, src.partition, src.offset, extra
         )
 
-    async def _produce_dead_letter(
-        self,
-        key: bytes | None,
-        value: bytes | None,
-        original: Iterable[tuple[str, bytes]],
-        reason: str,
-        topic: str,
-        partition: int,
-        offset: int,
-        extra: Mapping[str, str | None],
-    ) -> None:
-        """Produce to the dead-letter topic; retried until it succeeds (never lost, never skipped)."""
+    def _dead_letters(self) -> DeadLetters:
         assert self.producer is not None
-        headers = dead_letter_headers(original, reason, topic, partition, offset, **extra)
-        await _produce(
-            self.producer, self.engine.settings.kafka.dead_letter_topic, key=key, value=value, headers=headers
-        )
-        self.metrics.dead_letter_records.labels(reason.split(":", 1)[0]).inc()
-        if extra.get("channel"):
-            self.metrics.dead_lettered.labels(extra["channel"]).inc()
+        return DeadLetters(self.producer, self.engine.settings.kafka.dead_letter_topic, self.metrics)
 
     # --- readiness -----------------------------------------------------------------------------
 
@@ -573,132 +532,11 @@ def router_topics(kafka: KafkaSettings) -> dict[str, TopicSpec]:
     }
 
 
-async def _produce(
-    producer: AIOKafkaProducer,
-    topic: str,
-    *,
-    key: bytes | None,
-    value: bytes | None,
-    headers: list[tuple[str, bytes]] | None = None,
-    partition: int | None = None,
-) -> None:
-    """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped)."""
-    backoff = 0.5
-    while True:
-        try:
-            await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
-            return
-        except KafkaError as exc:
-            log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
-
-
-def _where(record: Any) -> str:
-    return f"{record.topic}/{record.partition}@{record.offset}"
-
-
-async def _quietly(awaitable: Awaitable[Any], timeout: float = 10.0) -> None:
-    """Stop a client without letting a hung broker connection hang shutdown."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(awaitable, timeout)
-
-
 def install_signals(service: Service, on_reload: Callable[[], object] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload or service.reload)
-
-
-async def read_topic(options: dict[str, Any], topic: str) -> list[Any]:
-    """Every record of ``topic`` up to its current end (no consumer group, nothing committed)."""
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **options)
-    try:
-        await consumer.start()
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        records: list[Any] = []
-        while any(position < ends[tp] for tp, position in [(tp, await consumer.position(tp)) for tp in tps]):
-            for batch in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                records.extend(r for r in batch if r.offset < ends[TopicPartition(r.topic, r.partition)])
-        return records
-    finally:
-        await _quietly(consumer.stop())
-
-
-async def replay(config_path: Path, *, source: Path | None, match: str | None, dry_run: bool, limit: int | None) -> int:
-    """Route dead-lettered records (or the events of a file) again. A record dead-lettered for one rule and
-    channel is sent to that pair only. The notifications are handed to their channels' owners (the running
-    routers), so rate limits, groups and silences apply to them as to any; ``--dry-run`` prints instead."""
-    engine = load(config_path)
-    kafka = engine.settings.kafka
-    inputs: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
-    if source is not None:
-        inputs = [(str(source), source.read_bytes(), [])]
-    else:
-        for record in await read_topic(kafka.client_options(), kafka.dead_letter_topic):
-            inputs.append(
-                (f"{record.topic}/{record.partition}@{record.offset}", record.value, list(record.headers or ()))
-            )
-    producer = None if dry_run else AIOKafkaProducer(acks="all", **kafka.client_options())
-    failed = replayed = 0
-    try:
-        if producer is not None:
-            await producer.start()
-        for name, value, headers in inputs:
-            facts = {k[len(DLQ_PREFIX) :]: v.decode(errors="replace") for k, v in headers if k.startswith(DLQ_PREFIX)}
-            if match and match not in facts.get("reason", "") and match.encode() not in (value or b""):
-                continue
-            if limit is not None and replayed >= limit:
-                break
-            replayed += 1
-            original = [(k, v) for k, v in headers if not k.startswith(DLQ_PREFIX)]
-            events = (
-                iter_events(name, value or b"", engine.limits)
-                if not headers
-                else iter([_decoded(value, original, engine, name)])
-            )
-            source_record = SourceRecord(
-                facts.get("topic", name), int(facts.get("partition", 0)), int(facts.get("offset", 0)), None, value,
-                tuple(original),
-            )  # fmt: skip
-            for event in events:
-                if isinstance(event, DecodeError):
-                    failed += 1
-                    print(f"error: {event}", file=sys.stderr)
-                    continue
-                result = engine.route(event)
-                notifications = [
-                    n
-                    for n in result.notifications
-                    if facts.get("rule") in (None, n.rule) and facts.get("channel") in (None, n.channel)
-                ]
-                for notification in notifications:
-                    if producer is None:
-                        print(jsoncodec.dumps(notification.route_line()).decode())
-                        continue
-                    handoff = Handoff(notification, result.root, time.time(), source_record)
-                    await _produce(
-                        producer, kafka.notifications_topic, key=notification.channel.encode(), value=handoff.encode()
-                    )
-                    print(f"handed off: {name} {notification.rule} → {notification.channel}")
-    finally:
-        if producer is not None:
-            await _quietly(producer.stop())
-    print(f"replayed {replayed} record(s), {failed} failure(s)", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _decoded(value: bytes | None, headers: list[tuple[str, bytes]], engine: Engine, name: str) -> Any:
-    try:
-        return decode(value, headers, limits=engine.limits, source=name)
-    except DecodeError as exc:
-        return exc
 
 
 async def run_service(config_path: Path) -> int:

@@ -43,7 +43,7 @@ def test_check_fails_with_an_actionable_message(tmp_path: Path) -> None:
     config.write_text("rules_dir: rules\nchanels: {}\n")
     result = imm_router("check", "--config", str(config))
     assert result.returncode == 2
-    assert f"{config}:2: chanels: unknown key; remove it or check its spelling" in result.stderr
+    assert f"{config}:2: chanels: unknown key; did you mean 'channels'?" in result.stderr
     missing = imm_router("check", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "config file not found; pass --config PATH" in missing.stderr
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jmespath
 import pytest
+from jmespath.exceptions import JMESPathError
 
 from router.decode import decode_object
 from router.engine import Engine, load
@@ -110,19 +111,43 @@ def test_a_runtime_error_means_no_match_counted_and_logged_once(
 
 
 def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
+    """The index keeps exactly the rules plain evaluation matches, and every evaluation error: each rule's
+    error count is what evaluating it on every event of its types gives."""
     rnd = random.Random(7)
     projects = [f"p{i}" for i in range(30)]
+    p = lambda: rnd.choice(projects)  # noqa: E731
     conditions = [
-        lambda: f"ProjectName == '{rnd.choice(projects)}' && Status == 'Failed'",
+        lambda: f"ProjectName == '{p()}' && Status == 'Failed'",
         lambda: f"Status == '{rnd.choice(['Failed', 'Succeeded'])}' && Code != ''",
-        lambda: f"contains(['{rnd.choice(projects)}', '{rnd.choice(projects)}'], ProjectName)",
-        lambda: f"ProjectName == '{rnd.choice(projects)}' || ProjectName == '{rnd.choice(projects)}'",
-        lambda: f"imm.outcome == 'failed' && imm.project == '{rnd.choice(projects)}'",
-        lambda: f"'{rnd.choice(projects)}' == ProjectName || Code == 'X'",
+        lambda: f"contains(['{p()}', '{p()}'], ProjectName)",
+        lambda: f"ProjectName == '{p()}' || ProjectName == '{p()}'",
+        lambda: f"imm.outcome == 'failed' && imm.project == '{p()}'",
+        lambda: f"'{p()}' == ProjectName || Code == 'X'",
         lambda: "Suggestion == 'block' && ProjectName == Project",
-        lambda: f"ProjectName == '{rnd.choice(projects)}' && ProjectName == '{rnd.choice(projects)}'",
+        lambda: f"ProjectName == '{p()}' && ProjectName == '{p()}'",
         lambda: "!(Status == 'Failed')",
         lambda: "Statistic.SubmitFailure > `0`",
+        lambda: f"starts_with(ProjectName, '{p()}')",
+        lambda: f"imm.outcome == 'failed' && starts_with(imm.project || '', '{p()}')",
+        lambda: f"contains(Message, '{p()}')",
+        lambda: f"Status == 'Failed' && contains(Tags, '{p()}')",
+        lambda: "length(Files[?Error == 'X']) > `0`",
+        lambda: "length(Files) >= `1` && Status == 'Failed'",
+        lambda: "length(Code) > `0`",
+        lambda: f"imm.failed && glob('{p()}*', ProjectName)",
+        lambda: f"Statistic.SubmitFailure > `0` && ProjectName == '{p()}'",
+        lambda: "Duration > `5`",
+        lambda: f"Duration >= `{rnd.choice([3, 5, 7.5, 9])}`",
+        lambda: f"`{rnd.choice([4, 9])}` < Duration",
+        lambda: f"Duration <= `{rnd.choice([3, 8])}` && Status == 'Failed'",
+        lambda: f"Duration < `{rnd.choice([3, 8])}`",
+        lambda: f"glob('{p()}*', ProjectName)",
+        lambda: "glob('*1', ProjectName)",
+        lambda: "ProjectName > 'p2'",
+        lambda: "imm.failed",
+        lambda: "Tags[0] && Status == 'Failed'",
+        lambda: f"length(Missing) > `0` && ProjectName == '{p()}'",
+        lambda: f"starts_with(Code, 'X') && ProjectName == '{p()}'",
     ]
     types = ['["imm:Task:*"]', '["imm:Task:MediaConvert", "imm:Batch:*"]', ""]
     text = "rules:\n" + "".join(
@@ -130,22 +155,34 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
     )
     engine = load(make(tmp_path, text))
     compiled = [(r, jmespath.compile(r.spec.when)) for r in engine.rules.rules]
-    for n in range(400):
+    assert sum(1 for r in engine.rules.rules if not engine.rules._probes[id(r)]) < 60  # most rules are indexed
+    expected_errors: dict[str, int] = {}
+    for n in range(600):
         data = {
-            "ProjectName": rnd.choice([*projects, None]),
+            "ProjectName": rnd.choice([*projects, None, "p1x", 3]),
             "Status": rnd.choice(["Failed", "Succeeded", 1]),
-            "Code": rnd.choice(["", "X", "200"]),
+            "Code": rnd.choice(["", "X", "200", None, ["X"]]),
             "Suggestion": rnd.choice(["block", "pass"]),
-            "Statistic": {"SubmitFailure": rnd.choice([0, 2])},
+            "Statistic": {"SubmitFailure": rnd.choice([0, 2, "3", None])},
+            "Message": rnd.choice([None, "", f"failed in {p()} now", [p(), "x"], 7]),
+            "Tags": rnd.choice([None, [], [p(), p(), 1], "p1", {"a": 1}]),
+            "Files": rnd.choice([None, [], [{"Error": "X"}], [{"Error": ""}, {"URI": "u"}], "", {}]),
+            "Duration": rnd.choice([None, 3, 9, "9", 7.5]),
         }
         ev = event(data, rnd.choice(["imm:Task:MediaConvert", "imm:Batch:Notification", "imm:Task:X"]), f"e{n}")
         root = rule_root(ev)
-        expected = [
-            r.name
-            for r, expr in compiled
-            if r.applies_to(ev.type) and truthy(expr.search(root, options=JMESPATH_OPTIONS))
-        ]
-        assert [r.name for r in engine.rules.match(ev, root)] == expected
+        expected = []
+        for r, expr in compiled:
+            if not r.applies_to(ev.type):
+                continue
+            try:
+                if truthy(expr.search(root, options=JMESPATH_OPTIONS)):
+                    expected.append(r.name)
+            except (JMESPathError, TypeError, ValueError):
+                expected_errors[r.name] = expected_errors.get(r.name, 0) + 1
+        assert [r.name for r in engine.rules.match(ev, root)] == expected, data
+    assert {r.name: r.errors for r in engine.rules.rules if r.errors} == expected_errors
+    assert len(expected_errors) > 30  # the mix does raise
 
 
 def test_custom_functions(tmp_path: Path) -> None:

@@ -473,7 +473,7 @@ async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, 
 
 
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
-    from router.consumer import PartitionTracker
+    from router.sources.kafka import PartitionTracker
 
     tracker = PartitionTracker()
     for offset in range(10, 15):

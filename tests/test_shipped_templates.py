@@ -121,7 +121,7 @@ def test_group_and_digest_templates_render_lists_of_every_shape(engine: Engine) 
             template="t",
             severity="warning",
             payload={},
-            summary=summary_line(event, engine.rules.rules[0]),
+            summary=summary_line(event, engine.rules.rules[0].name, engine.rules.rules[0].spec.severity),
             view=event.view,
         )
         for _, event in SHAPES

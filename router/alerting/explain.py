@@ -82,7 +82,7 @@ def _shown(exprs: tuple[str, ...], values: tuple[Any, ...]) -> str:
 
 async def _shared_state(engine: Engine) -> tuple[SilenceSet, InhibitionLog, str]:
     """The silences and inhibiting sources in Kafka now; without Kafka, none (and a note saying so)."""
-    from router.service import read_topic
+    from router.sources.kafka import read_topic
 
     kafka = engine.settings.kafka
     silences, inhibitions = SilenceSet(), InhibitionLog()

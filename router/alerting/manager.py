@@ -31,7 +31,7 @@ from router.alerting.inhibit import InhibitionLog
 from router.alerting.timing import active
 from router.delivery.dedup import DedupMemory
 from router.delivery.pipeline import Delivery, DeliveryFailed
-from router.engine import Engine, group_template
+from router.engine import Engine, group_facts, group_template
 from router.errors import RenderError
 from router.metrics import Metrics
 from router.notification import Notification
@@ -454,16 +454,17 @@ class Manager:
         self, bucket: Bucket, held: list[Held], part: int, parts: int, first: float, last: float
     ) -> Notification:
         alerts = [h.handoff.notification for h in held]
-        facts = {
-            "kind": bucket.kind,
-            "group": bucket.labels,
-            "rule": {"name": bucket.rule, "severity": self.engine.severities.get(bucket.rule, "warning")},
-            "first": datetime.fromtimestamp(first, UTC).isoformat(),
-            "last": datetime.fromtimestamp(last, UTC).isoformat(),
-            "part": part + 1,
-            "parts": parts,
-            "message_number": bucket.messages + 1,
-        }
+        facts = group_facts(
+            bucket.kind,
+            bucket.labels,
+            bucket.rule,
+            self.engine.severities.get(bucket.rule, "warning"),
+            datetime.fromtimestamp(first, UTC).isoformat(),
+            datetime.fromtimestamp(last, UTC).isoformat(),
+            part + 1,
+            parts,
+            bucket.messages + 1,
+        )
         payload = self.engine.render_group(bucket.channel, bucket.template, alerts, facts)
         return Notification(
             event_id=f"{bucket.kind}:{bucket.key}:{bucket.messages + 1}:{part + 1}",

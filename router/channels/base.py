@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Protocol
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from yarl import URL
 
 from router.notification import Notification
@@ -87,6 +99,48 @@ class PayloadMeta(Frozen):
 
     event_id: str
     rule: str
+
+
+_HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
+
+
+def check_http_url(url: SecretStr) -> SecretStr:
+    """A channel URL must be an absolute http(s) URL that every client library can use; checked at load so
+    ``check`` refuses what ``run`` could not send to. The error never shows the URL (it holds tokens)."""
+    text = url.get_secret_value()
+    try:
+        _HTTP_URL.validate_python(text)
+        URL(text).port  # noqa: B018 - yarl validates the port lazily
+    except ValidationError as exc:
+        raise ValueError(f"not a usable http(s) URL: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:
+        raise ValueError(f"not a usable http(s) URL: {exc}") from None
+    return url
+
+
+def _readable_file(path: Path) -> Path:
+    if not path.is_file():
+        reason = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"file {path} {reason}; give the path of a PEM file the router can read")
+    return path
+
+
+# A configured CA, certificate or key: it must exist when the config is loaded, not at first use.
+PemFile = Annotated[Path, AfterValidator(_readable_file)]
+
+
+def tls_context(cafile: Path | None, certfile: Path | None = None, keyfile: Path | None = None) -> ssl.SSLContext:
+    """A client TLS context; a file that is not PEM of the right kind raises ValueError naming it."""
+    try:
+        context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"CA file {cafile} cannot be loaded: {exc}") from None
+    if certfile:
+        try:
+            context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"certificate {certfile} / key {keyfile} cannot be loaded: {exc}") from None
+    return context
 
 
 def one_line(text: str) -> str:

@@ -14,7 +14,7 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, RateLimit, Scrubber, one_line
+from router.channels.base import ChannelConfigBase, PayloadMeta, RateLimit, Scrubber, check_http_url, one_line
 from router.channels.http import Answer, HttpClient
 from router.errors import DeliveryError
 from router.notification import Notification
@@ -43,6 +43,7 @@ class DingTalkConfig(ChannelConfigBase):
     @field_validator("url")
     @classmethod
     def _has_token(cls, url: SecretStr) -> SecretStr:
+        check_http_url(url)
         query = dict(parse_qsl(urlsplit(url.get_secret_value()).query))
         if not query.get("access_token"):
             raise ValueError("url must carry ?access_token=… (the robot's webhook address)")

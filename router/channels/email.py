@@ -8,13 +8,20 @@ import time
 from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import aiosmtplib
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, header_value, one_line
+from router.channels.base import (
+    ChannelConfigBase,
+    PayloadMeta,
+    PemFile,
+    Scrubber,
+    header_value,
+    one_line,
+    tls_context,
+)
 from router.errors import DeliveryError
 from router.notification import Notification
 
@@ -40,12 +47,18 @@ class EmailConfig(ChannelConfigBase):
     host: str
     port: int = Field(default=587, gt=0, lt=65536)
     tls: Literal["none", "starttls", "implicit"] = "starttls"
-    ca_file: Path | None = None
+    ca_file: PemFile | None = None
     verify: bool = Field(default=True, description="verify the server certificate (keep it on)")
     username: str | None = None
     password: SecretStr | None = None
     from_: str = Field(alias="from")
     to: tuple[str, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ca_loads(self) -> EmailConfig:
+        if self.ca_file is not None:
+            tls_context(self.ca_file)
+        return self
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         return {
@@ -97,13 +110,10 @@ class EmailChannel:
 
     def _context(self) -> ssl.SSLContext:
         if self._tls_context is None:
-            cafile = str(self.config.ca_file) if self.config.ca_file else None
             try:
-                ctx = ssl.create_default_context(cafile=cafile)
-            except OSError as exc:
-                raise DeliveryError(
-                    f"cannot read ca_file {cafile}: {exc.strerror}", retriable=False, channel=self.name
-                ) from None
+                ctx = tls_context(self.config.ca_file)
+            except ValueError as exc:  # the file changed since the config was loaded
+                raise DeliveryError(str(exc), retriable=False, channel=self.name) from None
             if not self.config.verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import orjson
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from yarl import URL
 
 from router import jsoncodec
-from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, header_value
+from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, check_http_url, header_value
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
 from router.notification import Notification
@@ -30,6 +30,8 @@ class WebhookConfig(ChannelConfigBase):
     signature_header: str = Field(
         default="X-IMM-Signature", description='"sha256=" + hex HMAC-SHA256 of the exact body bytes'
     )
+
+    _url_usable = field_validator("url")(check_http_url)
 
     def validated_url(self) -> str:
         return str(AnyHttpUrl(self.url.get_secret_value()))

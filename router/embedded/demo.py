@@ -26,7 +26,8 @@ from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.smtp import SmtpCapture
 from router.engine import load
 from router.errors import DecodeError
-from router.service import Service, read_topic
+from router.service import Service
+from router.sources.kafka import read_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN, SECRET = "demo-token", "demo-secret"

@@ -1,10 +1,14 @@
-"""One consumer group's loop, shared by the routing stage (source topics) and the notify stage (the
-notifications topic): fetch, hand each record to the stage, commit the settled prefix — at least once.
+"""Where events come in from Kafka: one consumer group's loop, shared by the routing stage (source topics)
+and the notify stage (the notifications topic) — fetch, hand each record to the stage, commit the settled
+prefix, at least once — plus producing with retries, reading a topic, and the dead-letter topic.
 
 A record's offset is committed only once the stage settles it; per partition the commit point is the
 lowest offset still unsettled, so records finishing out of order never skip one. Commits go out in
 batches (time or count). Unsettled records are bounded per partition and overall: past the bound,
 fetching pauses (Kafka keeps the backlog, not our memory).
+
+Dead letters keep the source record's key, value and headers and add why and where from;
+router.sources.replay routes them again.
 """
 
 from __future__ import annotations
@@ -14,16 +18,37 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from router.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+DLQ_PREFIX = "imm-dlq-"
+MAX_BACKOFF = 30.0
+
+
+def dead_letter_headers(
+    original: Iterable[tuple[str, bytes]], reason: str, topic: str, partition: int, offset: int, **extra: str | None
+) -> list[tuple[str, bytes]]:
+    """The original headers (earlier dead-letter headers dropped) plus why and where from."""
+    headers = [(k, v) for k, v in original if not k.startswith(DLQ_PREFIX)]
+    facts = {
+        "reason": reason[:2000],
+        "topic": topic,
+        "partition": str(partition),
+        "offset": str(offset),
+        "time": str(int(time.time() * 1000)),
+        **extra,
+    }
+    headers += [(DLQ_PREFIX + k, v.encode()) for k, v in facts.items() if v is not None]
+    return headers
+
 
 # (partition, record, settle): the stage calls ``settle()`` once the record is done with, maybe later.
 Handler = Callable[[TopicPartition, Any, Callable[[], None]], Awaitable[None]]
@@ -243,3 +268,87 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("%s: assigned %s", self.stage.name, ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)))
         if self.stage.on_assigned is not None:
             await self.stage.on_assigned(set(assigned))
+
+
+class DeadLetters:
+    """The dead-letter topic: every record produced there carries why and where from (``dead_letter_headers``)."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, metrics: Metrics) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.metrics = metrics
+
+    async def record(self, record: Any, reason: str, **extra: str | None) -> None:
+        """Dead-letter a consumed record."""
+        await self.produce(
+            record.key, record.value, record.headers or (), reason, record.topic, record.partition, record.offset, extra
+        )
+
+    async def produce(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        original: Iterable[tuple[str, bytes]],
+        reason: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        extra: Mapping[str, str | None],
+    ) -> None:
+        """Produce to the dead-letter topic; retried until it succeeds (never lost, never skipped)."""
+        headers = dead_letter_headers(original, reason, topic, partition, offset, **extra)
+        await produce(self.producer, self.topic, key=key, value=value, headers=headers)
+        self.metrics.dead_letter_records.labels(reason.split(":", 1)[0]).inc()
+        if extra.get("channel"):
+            self.metrics.dead_lettered.labels(extra["channel"]).inc()
+
+
+async def produce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> None:
+    """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped)."""
+    backoff = 0.5
+    while True:
+        try:
+            await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
+            return
+        except KafkaError as exc:
+            log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def where(record: Any) -> str:
+    return f"{record.topic}/{record.partition}@{record.offset}"
+
+
+async def quietly(awaitable: Awaitable[Any], timeout: float = 10.0) -> None:
+    """Stop a client without letting a hung broker connection hang shutdown."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(awaitable, timeout)
+
+
+async def read_topic(options: dict[str, Any], topic: str) -> list[Any]:
+    """Every record of ``topic`` up to its current end (no consumer group, nothing committed)."""
+    consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **options)
+    try:
+        await consumer.start()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        records: list[Any] = []
+        while any(position < ends[tp] for tp, position in [(tp, await consumer.position(tp)) for tp in tps]):
+            for batch in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                records.extend(r for r in batch if r.offset < ends[TopicPartition(r.topic, r.partition)])
+        return records
+    finally:
+        await quietly(consumer.stop())
