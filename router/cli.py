@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from router import __version__, jsoncodec
+from router.channels.registry import BUILT_IN, channel_types
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
 from router.engine import Engine, digest_context, group_context, group_facts, load, summary_line
@@ -51,6 +52,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  channels:  {len(settings.channels)}: {kinds or 'none'}")
     print(f"  rules:     {len(engine.rules.rules)} in {len(files)} file(s) under {settings.rules_dir}")
     print(f"  templates: {len(engine.templates.text)} under {settings.templates_dir}")
+    types = channel_types()[0]  # the plugins that could not be loaded are among the warnings
+    built_in = ", ".join(sorted(name for name, t in types.items() if t.origin == BUILT_IN))
+    print(f"  channel types: {built_in} (built in)")
+    for name, kind in sorted(types.items()):
+        if kind.origin != BUILT_IN:
+            print(f"                 {name} (plugin: {kind.origin})")
     if args.live:
         from router.delivery.health import check_live
 

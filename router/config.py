@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import zoneinfo
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -19,17 +28,17 @@ from pydantic_settings import (
 
 from router.alerting.inhibit import InhibitRule
 from router.alerting.timing import TimeInterval
-from router.channels.base import Frozen, PemFile, tls_context
-from router.channels.dingtalk import DingTalkConfig
-from router.channels.email import EmailConfig
-from router.channels.kafka import KafkaChannelConfig
-from router.channels.webhook import WebhookConfig
+from router.channels.base import ChannelConfigBase, Frozen, PemFile, tls_context
+from router.channels.registry import channel_types
 from router.errors import ConfigError
 from router.opsfile import describe_errors, expand_env, load_yaml
 
-ChannelConfig = Annotated[
-    EmailConfig | DingTalkConfig | KafkaChannelConfig | WebhookConfig, Field(discriminator="type")
-]
+
+@functools.cache
+def _channels_adapter(models: tuple[type[ChannelConfigBase], ...]) -> TypeAdapter[dict[str, ChannelConfigBase]]:
+    """``channels`` validated as a union of the channel types installed, discriminated by ``type``."""
+    union = Annotated[Union[models], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+    return TypeAdapter(dict[str, union])
 
 
 class KafkaSettings(Frozen):
@@ -128,12 +137,24 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="one notification's rendering, all its template blocks; then a render error"
     )
     render_max_chars: int = Field(default=1_000_000, gt=0, description="what one notification's rendering may produce")
-    channels: dict[str, ChannelConfig] = Field(default_factory=dict)
+    channels: dict[str, ChannelConfigBase] = Field(default_factory=dict)
     kafka: KafkaSettings = KafkaSettings()
     service: ServiceSettings = ServiceSettings()
     http: HttpSettings = HttpSettings()
     time_intervals: tuple[TimeInterval, ...] = ()
     inhibit_rules: tuple[InhibitRule, ...] = ()
+
+    @field_validator("channels", mode="wrap")
+    @classmethod
+    def _channel_types(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> dict[str, ChannelConfigBase]:
+        types, problems = channel_types()
+        broken = {p.type: p for p in problems}
+        if isinstance(value, dict):
+            for name, channel in value.items():
+                kind = channel.get("type") if isinstance(channel, dict) else None
+                if isinstance(kind, str) and kind not in types and kind in broken:
+                    raise ValueError(f"channel {name!r}: {broken[kind]}; fix or reinstall that package")
+        return _channels_adapter(tuple(t.config for t in types.values())).validate_python(value)
 
     @field_validator("timezone")
     @classmethod

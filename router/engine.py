@@ -16,6 +16,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from router.channels.base import ChannelConfigBase, PayloadMeta
+from router.channels.registry import channel_types
 from router.config import Settings, load_settings
 from router.decode import Event, Limits, decode_object
 from router.errors import ConfigError, RenderError
@@ -109,7 +110,7 @@ class Engine:
         channel = self.settings.channels[target.channel]
         wanted = channel.required_blocks + channel.optional_blocks
         parts = self.templates.render_parts(target.template, wanted, {**context, "channel": target.channel})
-        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name))
+        payload = channel.build_payload(parts, PayloadMeta(event_id=event.id, rule=rule.name, time=event.time))
         return Notification(
             event_id=event.id,
             event_type=event.type,
@@ -301,7 +302,8 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
     problems, warnings = _check_templates(engine)
     if problems:
         raise ConfigError("\n".join(problems))
-    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings])
+    plugins = [f"plugin not loaded: {problem}" for problem in channel_types()[1]]
+    return Engine(settings, templates, rules, expressions, [*rules.warnings, *warnings, *plugins])
 
 
 def _check_templates(engine: Engine) -> tuple[list[str], list[str]]:

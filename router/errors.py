@@ -43,5 +43,6 @@ class DeliveryError(RouterError):
     def __init__(self, message: str, *, retriable: bool, channel: str = "") -> None:
         self.retriable = retriable
         self.channel = channel
+        self.reason = message
         kind = "retriable" if retriable else "permanent"
         super().__init__(f"{channel + ': ' if channel else ''}{message} ({kind})")

@@ -144,12 +144,23 @@ def expand_env(doc: Any, path: Path, env: dict[str, str] | None = None) -> Any:
 
 
 def _unwrap(tp: Any) -> list[Any]:
-    """The concrete types an annotation allows (Annotated and None stripped, unions spread)."""
+    """The concrete types an annotation allows (Annotated and None stripped, unions spread, and the base
+    of a family tagged by ``type`` — ChannelConfigBase, whose members plugins add — its tagged subclasses)."""
     while get_origin(tp) is Annotated:
         tp = get_args(tp)[0]
     if get_origin(tp) in (Union, UnionType):
         return [t for arg in get_args(tp) if arg is not type(None) for t in _unwrap(arg)]
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and "type" in tp.model_fields and not _tags(tp):
+        family = [m for m in _descendants(tp) if _tags(m)]
+        return family or [tp]
     return [tp]
+
+
+def _descendants(model: type[BaseModel]) -> list[type[BaseModel]]:
+    found = []
+    for sub in model.__subclasses__():
+        found += [sub, *_descendants(sub)]
+    return found
 
 
 def _step(tp: Any, part: int | str) -> Any:

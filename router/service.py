@@ -425,9 +425,9 @@ class Service:
         if partitions:
             log.info("released %s partitions %s", self.engine.settings.kafka.notifications_topic, sorted(partitions))
 
-    async def _persist_limiter(self, channel: str, finished: list[float]) -> None:
+    async def _persist_limiter(self, channel: str, logs: list[list[float]]) -> None:
         if self.manager is not None:
-            await self.manager.persist_limiter(channel, finished)
+            await self.manager.persist_limiter(channel, logs)
 
     # --- dead letters -----------------------------------------------------------------------------
 

@@ -8,17 +8,19 @@ PYTEST_DONT_REWRITE: no asserts here, and test modules may import it before it i
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
 import trustme
 
+from router.embedded.alertmanager import Alertmanager
 from router.embedded.broker import MotoS3, TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.smtp import SmtpCapture
@@ -119,22 +121,34 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
     return make
 
 
+Child = TypeVar("Child", TansuBroker, Alertmanager)
+
+
+@contextlib.asynccontextmanager
+async def started(kind: type[Child], log_dir: Path) -> AsyncIterator[Callable[..., Awaitable[Child]]]:
+    """``await make(**kwargs)`` -> a started ``kind(**kwargs)`` logging to ``log_dir``; all stopped at the end."""
+    children: list[Child] = []
+
+    async def make(**kwargs: Any) -> Child:
+        kwargs.setdefault("log_path", log_dir / f"{kind.__name__.lower()}-{len(children)}.log")
+        child = kind(**kwargs)
+        children.append(child)
+        await child.start()
+        return child
+
+    try:
+        yield make
+    finally:
+        for child in children:
+            await child.stop()
+
+
 @pytest_asyncio.fixture
 async def tansu_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[TansuBroker]]]:
     """``await tansu_factory(**TansuBroker kwargs)`` -> a started broker of this test's own
     (free to kill/restart); all are stopped at teardown."""
-    brokers: list[TansuBroker] = []
-
-    async def make(**kwargs: Any) -> TansuBroker:
-        kwargs.setdefault("log_path", tmp_path / f"tansu-{len(brokers)}.log")
-        broker = TansuBroker(**kwargs)
-        brokers.append(broker)
-        await broker.start()
-        return broker
-
-    yield make
-    for broker in brokers:
-        await broker.stop()
+    async with started(TansuBroker, tmp_path) as make:
+        yield make
 
 
 @pytest_asyncio.fixture
@@ -143,6 +157,14 @@ async def moto_s3(tmp_path: Path) -> AsyncIterator[MotoS3]:
     ``TansuBroker(storage_engine="s3://tansu/", env=moto_s3.broker_env())``."""
     async with MotoS3(log_path=tmp_path / "moto.log") as server:
         yield server
+
+
+@pytest_asyncio.fixture
+async def alertmanager_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Alertmanager]]]:
+    """``await alertmanager_factory(**Alertmanager kwargs)`` -> a started Prometheus Alertmanager of this
+    test's own on a free loopback port; all are stopped at teardown."""
+    async with started(Alertmanager, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture

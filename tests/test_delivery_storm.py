@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,15 @@ from router.delivery.pipeline import Delivery
 from router.embedded.dingtalk import FakeDingTalk
 from router.metrics import Metrics
 from tests.servers import DINGTALK_SECRET, DINGTALK_SIGNED_TOKEN
-from tests.test_delivery_support import VirtualClock, counted, failed_event, make_engine, notifications, task_id
+from tests.test_delivery_support import (
+    VirtualClock,
+    arriving_over_a_minute,
+    counted,
+    failed_event,
+    make_engine,
+    notifications,
+    task_id,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,12 +38,8 @@ async def test_a_storm_becomes_a_few_digests_and_is_never_throttled(tmp_path: Pa
         delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
         robot.fail_next(3, errcode=-1)  # "busy" at the start: the retries count against the budget too
 
-        async def arrive(index: int) -> str:
-            await clock.sleep(index * 60 / EVENTS)  # spread over the minute
-            return await delivery.deliver(batch[index])
-
         try:
-            outcomes = await asyncio.gather(*(arrive(i) for i in range(EVENTS)))
+            outcomes = await arriving_over_a_minute(clock, delivery, batch)
         finally:
             await delivery.close(1)
     texts = [r.payload["markdown"]["text"] for r in robot.accepted]

@@ -17,6 +17,7 @@ import pytest
 
 from router.channels.base import Channel
 from router.decode import decode_object
+from router.delivery.pipeline import Delivery
 from router.engine import Engine, load
 from router.errors import DeliveryError
 from router.metrics import Metrics
@@ -24,6 +25,7 @@ from router.notification import Notification
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {
+    "alertmanager": "alertmanager/alert.j2",
     "dingtalk": "dingtalk/task-failed.md.j2",
     "email": "email/task-failed.j2",
     "kafka": "kafka/alert.json.j2",
@@ -50,18 +52,26 @@ async def send_failing(channel: Channel, notification: Notification) -> Delivery
     return caught.value
 
 
-def make_engine(tmp_path: Path, channels: dict[str, dict[str, Any]], **settings: Any) -> Engine:
-    """An Engine with ``channels`` (name -> config) and one rule, task-failed, notifying all of them
-    with the shipped template of their type. ``settings`` go into the config file's top level."""
+def make_engine(
+    tmp_path: Path, channels: dict[str, dict[str, Any]], *, rule_labels: dict[str, str] | None = None, **settings: Any
+) -> Engine:
+    """An Engine with ``channels`` (name -> config) and one rule, task-failed (with ``rule_labels``),
+    notifying all of them with the shipped template of their type (``<type>/alert.j2`` for others).
+    ``settings`` go into the config file's top level."""
     rules = tmp_path / "rules"
     rules.mkdir(exist_ok=True)
-    notify = [{"channel": name, "template": TEMPLATES[config["type"]]} for name, config in channels.items()]
+    # A third-party type (tests/test_plugins.py) uses <type>/alert.j2.
+    notify = [
+        {"channel": name, "template": TEMPLATES.get(config["type"], f"{config['type']}/alert.j2")}
+        for name, config in channels.items()
+    ]
     rule = {
         "name": "task-failed",
         "description": "IMM 任务失败 / An IMM task failed",
         "events": ["imm:Task:*"],
         "when": "imm.outcome == 'failed'",
         "severity": "critical",
+        "labels": rule_labels or {},
         "notify": notify,
     }
     (rules / "r.yaml").write_text(json.dumps({"rules": [rule]}))
@@ -71,7 +81,9 @@ def make_engine(tmp_path: Path, channels: dict[str, dict[str, Any]], **settings:
     return load(config)
 
 
-def failed_event(index: int, *, project: str = "test_project", event_id: str | None = None) -> dict[str, Any]:
+def failed_event(
+    index: int, *, project: str = "test_project", event_id: str | None = None, time: str = "2026-11-02T10:00:00+08:00"
+) -> dict[str, Any]:
     """An EventBridge MediaConvert failure whose task id is ``task-<index>``."""
     return {
         "specversion": "1.0",
@@ -79,7 +91,7 @@ def failed_event(index: int, *, project: str = "test_project", event_id: str | N
         "source": "acs.imm",
         "type": "imm:Task:MediaConvert",
         "subject": "acs.imm:cn-hangzhou:1234567890:task",
-        "time": "2026-11-02T10:00:00+08:00",
+        "time": time,
         "data": {
             "ProjectName": project,
             "TaskType": "MediaConvert",
@@ -89,6 +101,16 @@ def failed_event(index: int, *, project: str = "test_project", event_id: str | N
             "Message": "源文件无法解码 / the source cannot be decoded",
         },
     }
+
+
+async def arriving_over_a_minute(clock: VirtualClock, delivery: Delivery, batch: list[Notification]) -> list[str]:
+    """Deliver ``batch`` with its arrivals spread evenly over a (virtual) minute; the outcomes."""
+
+    async def arrive(index: int) -> str:
+        await clock.sleep(index * 60 / len(batch))
+        return await delivery.deliver(batch[index])
+
+    return await asyncio.gather(*(arrive(i) for i in range(len(batch))))
 
 
 def task_id(index: int) -> str:

@@ -24,6 +24,7 @@ CHANNELS: dict[str, dict[str, Any]] = {
     "email": {"type": "email", "host": "smtp.example.com", "from": "a@example.com", "to": ["b@example.com"]},
     "kafka": {"type": "kafka", "topic": "alerts"},
     "webhook": {"type": "webhook", "url": "https://hooks.example.com/imm"},
+    "alertmanager": {"type": "alertmanager", "url": "http://alertmanager:9093"},
 }
 META = PayloadMeta(event_id="ev-1", rule="r")
 

@@ -205,7 +205,7 @@ class Manager:
     def assign(self, partition: int, changelog: list[tuple[str, Any]]) -> None:
         """Take over ``partition``, resuming from its changelog (oldest first, the latest value wins)."""
         state = self._new_state()
-        limiters: dict[str, list[float]] = {}
+        limiters: dict[str, list[list[float]]] = {}
         for key, value in changelog:
             kind, _, rest = key.partition("|")
             try:
@@ -217,7 +217,9 @@ class Manager:
                     else:
                         state.buckets[rest] = Bucket.from_state(rest, partition, value)
                 elif kind == "l" and value is not None:
-                    limiters[rest] = [float(t) for t in value["times"]]
+                    # One log per pool member: the first as "times" (as before pools), the others in "pool".
+                    logs = [value["times"], *value.get("pool", [])]
+                    limiters[rest] = [[float(t) for t in times] for times in logs]
             except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
                 log.warning("changelog partition %d: skipping malformed entry %r: %s", partition, key[:200], exc)
         for channel, times in limiters.items():
@@ -255,11 +257,14 @@ class Manager:
     def flushes_of(self, partitions: set[int]) -> list[asyncio.Task[None]]:
         return [t for t in self.flushes if getattr(t, "partition", None) in partitions]
 
-    async def persist_limiter(self, channel: str, finished: list[float]) -> None:
-        """Delivery's before-send hook: the channel's rate-limit log goes to its changelog partition."""
+    async def persist_limiter(self, channel: str, logs: list[list[float]]) -> None:
+        """Delivery's before-send hook: the channel's rate-limit logs go to its changelog partition."""
         partition = self.channel_partition.get(channel)
         if partition is not None:
-            await self.changelog.put(partition, f"l|{channel}", {"times": finished})
+            value: dict[str, Any] = {"times": logs[0]}
+            if len(logs) > 1:
+                value["pool"] = logs[1:]
+            await self.changelog.put(partition, f"l|{channel}", value)
 
     # --- one alert -----------------------------------------------------------------------------------
 

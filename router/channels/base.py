@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 from pydantic import (
@@ -57,11 +58,14 @@ class CircuitBreaker(Frozen):
 
 
 class ChannelConfigBase(Frozen):
-    """Fields every channel type accepts. Subclasses add ``type`` and their own settings."""
+    """Fields every channel type accepts. Subclasses narrow ``type`` to ``Literal["<their type>"]`` (the
+    discriminator of ``channels``) and add their own settings."""
 
     # Template blocks this channel type needs, and the ones it uses when present.
     required_blocks: ClassVar[tuple[str, ...]] = ()
     optional_blocks: ClassVar[tuple[str, ...]] = ()
+
+    type: str
 
     digest_template: str | None = Field(
         default=None, description="template for digests of rate-limited alerts; defaults to the shipped one"
@@ -75,10 +79,15 @@ class ChannelConfigBase(Frozen):
 
     @property
     def default_digest_template(self) -> str:
-        return f"digest/{getattr(self, 'type', 'generic')}.j2"
+        return f"digest/{self.type}.j2"
 
     def effective_rate_limit(self) -> RateLimit | None:
         return self.rate_limit
+
+    def pool_size(self) -> int:
+        """Destinations behind this channel that each take ``effective_rate_limit`` (DingTalk robots of
+        a pool); above 1 the channel is a PooledChannel."""
+        return 1
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         """The exact payload the channel would send for these rendered template parts."""
@@ -99,6 +108,7 @@ class PayloadMeta(Frozen):
 
     event_id: str
     rule: str
+    time: datetime | None = Field(default=None, description="the event's time; None for digests and groups")
 
 
 _HTTP_URL: TypeAdapter[AnyHttpUrl] = TypeAdapter(AnyHttpUrl)
@@ -193,11 +203,10 @@ def _encodings(secret: str) -> set[str]:
 class Channel(Protocol):
     """A destination. ``send`` makes exactly one attempt and raises DeliveryError on failure.
 
-    ``health_verifies_credentials``: whether a healthy ``health()`` means the credentials work too, or only
-    that the server is reachable (checking them would send a message)."""
+    A channel class may set ``health_verifies_credentials = True`` when a healthy ``health()`` means its
+    credentials work too; without it, ``check --live`` calls a healthy channel only "reachable"."""
 
     name: str
-    health_verifies_credentials: bool
 
     async def send(self, notification: Notification) -> None: ...
 
@@ -206,3 +215,12 @@ class Channel(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class PooledChannel(Channel, Protocol):
+    """A channel over several destinations with a rate limit each: the delivery stage picks the member."""
+
+    async def send_via(self, member: int, notification: Notification) -> None:
+        """``send`` through member ``member`` (0-based, below the config's ``pool_size()``)."""
+        ...

@@ -1,4 +1,5 @@
-"""DingTalk custom group robot: signed requests, markdown / text / actionCard, @mentions."""
+"""DingTalk custom group robot: signed requests, markdown / text / actionCard, @mentions; a pool of
+robots of one group behind one channel, each with its own 20-a-minute window."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from router.channels.base import ChannelConfigBase, PayloadMeta, RateLimit, Scrubber, check_http_url, one_line
+from router.channels.base import (
+    ChannelConfigBase,
+    Frozen,
+    PayloadMeta,
+    RateLimit,
+    Scrubber,
+    check_http_url,
+    one_line,
+)
 from router.channels.http import Answer, HttpClient
 from router.errors import DeliveryError
 from router.notification import Notification
@@ -28,30 +37,65 @@ TRUNCATION_MARKER = "\n\n…(truncated)"
 RETRIABLE_ERRCODES = frozenset({130101, 410100, -1})
 
 
+def _has_token(url: SecretStr | None) -> SecretStr | None:
+    if url is None:
+        return url
+    check_http_url(url)
+    if not dict(parse_qsl(urlsplit(url.get_secret_value()).query)).get("access_token"):
+        raise ValueError("url must carry ?access_token=… (the robot's webhook address)")
+    return url
+
+
+class Robot(Frozen):
+    url: SecretStr = Field(description="robot webhook URL with access_token: a secret")
+    secret: SecretStr | None = Field(default=None, description="signing secret (加签)")
+
+    _has_token = field_validator("url")(_has_token)
+
+
 class DingTalkConfig(ChannelConfigBase):
     required_blocks: ClassVar[tuple[str, ...]] = ("title", "text")
     optional_blocks: ClassVar[tuple[str, ...]] = ("button_title", "button_url")
 
     type: Literal["dingtalk"]
-    url: SecretStr = Field(description="robot webhook URL with access_token: a secret")
+    url: SecretStr | None = Field(default=None, description="robot webhook URL with access_token: a secret")
     secret: SecretStr | None = Field(default=None, description="signing secret (加签)")
+    robots: tuple[Robot, ...] = Field(
+        default=(), description="instead of url/secret: several robots of one group, each with its own limit"
+    )
     msgtype: Literal["markdown", "text", "actionCard"] = "markdown"
     at_mobiles: tuple[str, ...] = ()
     at_user_ids: tuple[str, ...] = ()
     at_all: bool = False
 
-    @field_validator("url")
-    @classmethod
-    def _has_token(cls, url: SecretStr) -> SecretStr:
-        check_http_url(url)
-        query = dict(parse_qsl(urlsplit(url.get_secret_value()).query))
-        if not query.get("access_token"):
-            raise ValueError("url must carry ?access_token=… (the robot's webhook address)")
-        return url
+    _has_token = field_validator("url")(_has_token)
+
+    @model_validator(mode="after")
+    def _url_or_robots(self) -> DingTalkConfig:
+        if (self.url is None) == (not self.robots):
+            raise ValueError("give url (and secret) for one robot, or robots: [{url, secret}, …] for a pool")
+        if self.robots and self.secret is not None:
+            raise ValueError("with robots, give each robot its own secret")
+        return self
+
+    @property
+    def pool(self) -> tuple[Robot, ...]:
+        """The robots messages go to: ``robots``, or the one of ``url`` and ``secret``."""
+        if self.robots:
+            return self.robots
+        assert self.url is not None, "checked by _url_or_robots"
+        return (Robot(url=self.url, secret=self.secret),)
+
+    def pool_size(self) -> int:
+        return len(self.pool)
 
     def effective_rate_limit(self) -> RateLimit:
-        # A robot takes 20 messages a minute and is then throttled for 10 minutes.
+        # A robot takes 20 messages a minute and is then throttled for 10 minutes (each robot of a pool).
         return self.rate_limit or RateLimit(per_minute=20)
+
+    def secret_values(self) -> tuple[str, ...]:
+        robots = (v.get_secret_value() for r in self.robots for v in (r.url, r.secret) if v is not None)
+        return (*super().secret_values(), *robots)
 
     def truncated(self, payload: Mapping[str, Any]) -> bool:
         body = payload.get(payload.get("msgtype", ""), {})
@@ -107,28 +151,26 @@ def sign(secret: str, timestamp_ms: int) -> str:
 
 
 class DingTalkChannel:
-    """Posts each payload to the robot, signed per request; the errcode in the answer decides."""
-
-    # DingTalk has no call that checks a token or signing secret without posting a message.
-    health_verifies_credentials = False
+    """Posts each payload to a robot, signed per request; the errcode in the answer decides. With a pool,
+    the delivery stage picks the robot (``send_via``): the one whose window has room."""
 
     def __init__(self, name: str, config: DingTalkConfig) -> None:
         self.name = name
         self.config = config
-        self._robot = URL(config.url.get_secret_value())
+        self._robots = [(URL(r.url.get_secret_value()), r.secret) for r in config.pool]
         self._http = HttpClient(name, config.timeout_seconds, Scrubber(config.secret_values()))
 
-    def _url(self) -> URL:
-        url = self._robot
-        if self.config.secret is None:
+    def _url(self, member: int) -> URL:
+        url, secret = self._robots[member]
+        if secret is None:
             return url
         # DingTalk accepts a signature for an hour; computing it per request keeps it fresh.
         timestamp = int(time.time() * 1000)
-        return url.extend_query(timestamp=str(timestamp), sign=sign(self.config.secret.get_secret_value(), timestamp))
+        return url.extend_query(timestamp=str(timestamp), sign=sign(secret.get_secret_value(), timestamp))
 
-    async def _post(self, body: bytes) -> tuple[int, str]:
+    async def _post(self, member: int, body: bytes) -> tuple[int, str]:
         answer = await self._http.request(
-            "POST", self._url(), body=body, headers={"Content-Type": "application/json; charset=utf-8"}
+            "POST", self._url(member), body=body, headers={"Content-Type": "application/json; charset=utf-8"}
         )
         if answer.status != 200:
             retriable = answer.status == 429 or answer.status >= 500
@@ -147,13 +189,23 @@ class DingTalkChannel:
         return DeliveryError(self._http.scrub(message), retriable=retriable, channel=self.name)
 
     async def send(self, notification: Notification) -> None:
-        errcode, errmsg = await self._post(orjson.dumps(notification.payload))
-        if errcode != 0:
-            raise self._error(f"errcode {errcode}: {errmsg}", errcode in RETRIABLE_ERRCODES)
+        await self.send_via(0, notification)
+
+    async def send_via(self, member: int, notification: Notification) -> None:
+        try:
+            errcode, errmsg = await self._post(member, orjson.dumps(notification.payload))
+            if errcode != 0:
+                raise self._error(f"errcode {errcode}: {errmsg}", errcode in RETRIABLE_ERRCODES)
+        except DeliveryError as err:
+            if len(self._robots) == 1:
+                raise
+            # Which robot of the pool (by position: its URL is a secret).
+            raise self._error(f"robot {member + 1} of {len(self._robots)}: {err.reason}", err.retriable) from None
 
     async def health(self) -> str:
         # Reachability only: a request to the robot, even a refused one, might count against its 20 a minute.
-        reachable = await self._http.reachable(self._robot)
+        hosts = {(url.host, url.port): url for url, _ in self._robots}
+        reachable = "; ".join([await self._http.reachable(url) for url in hosts.values()])
         return f"{reachable}; nothing sent, so the access_token and secret are not verified"
 
     async def close(self) -> None:

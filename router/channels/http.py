@@ -1,4 +1,4 @@
-"""The HTTP client the DingTalk and webhook channels share: one pooled aiohttp session per channel."""
+"""The HTTP client the DingTalk, webhook and Alertmanager channels share: one pooled aiohttp session per channel."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ class Answer:
 
 
 class HttpClient:
-    def __init__(self, channel: str, timeout: float, scrub: Scrubber) -> None:
+    def __init__(self, channel: str, timeout: float, scrub: Scrubber, *, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the context for https URLs (default: the system's trusted CAs)."""
         self.channel = channel
         self.scrub = scrub
+        self._tls = tls
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -45,7 +47,7 @@ class HttpClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
             async with self._session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
+                method, url, data=body, headers=headers, allow_redirects=False, ssl=self._tls or True
             ) as response:
                 return Answer(response.status, await response.content.read(MAX_ANSWER_BYTES))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -61,7 +63,7 @@ class HttpClient:
     async def reachable(self, url: URL) -> str:
         """Open and close a connection (TLS for https, certificate checked); nothing is sent, so a health
         check neither counts against a rate limit nor shows up at the receiver as a request."""
-        tls = ssl.create_default_context() if url.scheme == "https" else None
+        tls = (self._tls or ssl.create_default_context()) if url.scheme == "https" else None
         try:
             async with asyncio.timeout(self._timeout.total):
                 _, writer = await asyncio.open_connection(url.host, url.port, ssl=tls)

@@ -59,8 +59,6 @@ def signature(secret: str, body: bytes) -> str:
 class WebhookChannel:
     """POSTs the JSON body; the HTTP status decides: 2xx ok, 408/429/5xx later, anything else never."""
 
-    health_verifies_credentials = False  # only a POST would tell whether the URL's token is accepted
-
     def __init__(self, name: str, config: WebhookConfig) -> None:
         self.name = name
         self.config = config

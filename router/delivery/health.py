@@ -40,6 +40,7 @@ async def check_live(engine: Engine) -> int:
     finally:
         await asyncio.gather(*(channel.close() for channel in channels.values()), return_exceptions=True)
     for (name, config), (healthy, detail) in zip(configs.items(), results, strict=True):
-        state = "FAILED" if not healthy else "ok" if channels[name].health_verifies_credentials else "reachable"
+        verified = getattr(channels[name], "health_verifies_credentials", False)
+        state = "FAILED" if not healthy else "ok" if verified else "reachable"
         print(f"  live {name} ({config.type}): {state}: {detail}")
     return 0 if all(healthy for healthy, _ in results) else 1

@@ -5,13 +5,16 @@ DingTalk robot answers the 21st message of any minute with 130101 and then refus
 minutes. So this is a sliding-window log instead, and a request holds its place in the log from the
 moment it is reserved until a window after it *finished*: the server saw it somewhere in between, so
 however long a round trip took, no window of the server's holds more than N of them.
+
+A pool (several DingTalk robots of one group behind one channel) has a window per member: a request
+goes to the member with the most room, and waits only when every member is full.
 """
 
 from __future__ import annotations
 
 import asyncio
 from bisect import bisect_right, insort
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from router.channels.base import RateLimit
 
@@ -22,12 +25,14 @@ MIN_WAIT_SECONDS = 0.001
 
 
 class Slot:
-    """One request's place in the log, reserved from the limiter that handed it out."""
+    """One request's place in the log, reserved from the limiter that handed it out. ``member``: which
+    member of a pool the request must go to (0 outside a pool)."""
 
-    __slots__ = ("_limiter",)
+    __slots__ = ("_limiter", "member")
 
     def __init__(self, limiter: WindowLimiter) -> None:
         self._limiter: WindowLimiter | None = limiter
+        self.member = limiter.member
 
     def release(self) -> None:
         """The request finished (whatever the outcome): its place frees a window from now."""
@@ -47,10 +52,16 @@ class WindowLimiter:
     at most ``burst`` in any ``burst / per_minute`` of one."""
 
     def __init__(
-        self, rate: RateLimit, *, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]
+        self,
+        rate: RateLimit,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        member: int = 0,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
+        self.member = member
         self._in_flight = 0
         self._finished: list[float] = []  # finish times, ascending: the clock never goes back
         self._start = 0  # entries before it are older than any window
@@ -94,21 +105,14 @@ class WindowLimiter:
         self._in_flight += 1
         return Slot(self)
 
+    def used(self) -> int:
+        """Requests in flight or inside the window now."""
+        now = self._clock()
+        return self._in_flight + len(self._finished) - bisect_right(self._finished, now - self._horizon, lo=self._start)
+
     async def acquire(self) -> Slot:
         """Wait for a slot."""
-        while (slot := self.try_acquire()) is None:
-            delay = self._delay(self._clock())
-            self._changed.clear()
-            waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._changed.wait())]
-            if delay is not None:
-                # A floor, so that float rounding cannot wake us a hair early again and again.
-                waits.append(asyncio.ensure_future(self._sleep(max(delay, MIN_WAIT_SECONDS))))
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-        return slot
+        return await _first_slot([self], self.try_acquire)
 
     def _finished_one(self, *, sent: bool) -> None:
         self._in_flight -= 1
@@ -129,3 +133,64 @@ class WindowLimiter:
         self._finished = sorted(now - (wall_now - t) for t in finished if t > wall_now - self._horizon)
         self._start = 0
         self._changed.set()
+
+
+async def _first_slot(limiters: Sequence[WindowLimiter], try_acquire: Callable[[], Slot | None]) -> Slot:
+    """Wait until ``try_acquire`` gives a slot: woken when any of ``limiters`` changes or when the soonest
+    of their windows opens."""
+    while (slot := try_acquire()) is None:
+        delays = [d for d in (limiter._delay(limiter._clock()) for limiter in limiters) if d is not None]
+        for limiter in limiters:
+            limiter._changed.clear()
+        waits: list[asyncio.Future[object]] = [asyncio.ensure_future(lim._changed.wait()) for lim in limiters]
+        if delays:
+            # A floor, so that float rounding cannot wake us a hair early again and again.
+            waits.append(asyncio.ensure_future(limiters[0]._sleep(max(min(delays), MIN_WAIT_SECONDS))))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+    return slot
+
+
+class LimiterPool:
+    """A window per member of a pool, each at ``rate``: a request takes a place with the member that has
+    the most room, so the load spreads and no member goes over its own limit."""
+
+    def __init__(
+        self, rate: RateLimit, size: int, *, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self.members: list[WindowLimiter] = []
+        self.configure(rate, size)
+
+    def configure(self, rate: RateLimit, size: int) -> None:
+        """New limits or pool size (hot reload); the logs of the members that stay are kept."""
+        del self.members[size:]
+        for member in self.members:
+            member.configure(rate)
+        while len(self.members) < size:
+            self.members.append(WindowLimiter(rate, clock=self._clock, sleep=self._sleep, member=len(self.members)))
+
+    def try_acquire(self) -> Slot | None:
+        """A slot with the least used member that may send right now, if any."""
+        for member in sorted(self.members, key=WindowLimiter.used):
+            slot = member.try_acquire()
+            if slot is not None:
+                return slot
+        return None
+
+    async def acquire(self) -> Slot:
+        """Wait for a slot with any member."""
+        return await _first_slot(self.members, self.try_acquire)
+
+    def snapshot(self, *, wall_now: float, pending_seconds: float) -> list[list[float]]:
+        """Each member's log (see WindowLimiter.snapshot), in member order."""
+        return [m.snapshot(wall_now=wall_now, pending_seconds=pending_seconds) for m in self.members]
+
+    def restore(self, logs: Sequence[list[float]], *, wall_now: float) -> None:
+        """Take over another owner's logs (from ``snapshot``); members beyond them start empty."""
+        for member, finished in zip(self.members, logs, strict=False):
+            member.restore(finished, wall_now=wall_now)

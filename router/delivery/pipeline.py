@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.channels import make_channel, scrubber
-from router.channels.base import Channel, ChannelConfigBase, Scrubber
+from router.channels.base import Channel, ChannelConfigBase, PooledChannel, Scrubber
 from router.delivery.breaker import Breaker
 from router.delivery.dedup import DedupMemory
-from router.delivery.limiter import Slot, WindowLimiter
+from router.delivery.limiter import LimiterPool, Slot
 from router.engine import Engine
 from router.errors import DeliveryError, RenderError, RouterError
 from router.metrics import Metrics
@@ -90,7 +90,7 @@ class _Lane:
     breaker: Breaker
     scrub: Scrubber
     semaphore: asyncio.Semaphore
-    limiter: WindowLimiter | None = None
+    limiter: LimiterPool | None = None  # a window per member of the channel's pool (one outside a pool)
     buffer: deque[_Job] = field(default_factory=deque)  # held back by the rate limit, for a digest
     flusher: asyncio.Task[None] | None = None
     last_error: str = ""
@@ -110,11 +110,12 @@ class Delivery:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        before_send: Callable[[str, list[float]], Awaitable[None]] | None = None,
+        before_send: Callable[[str, list[list[float]]], Awaitable[None]] | None = None,
     ) -> None:
         self.metrics = metrics
-        # Called with a rate-limited channel's log (epoch seconds) before each of its sends: the owner of
-        # the channel persists it, so that the next owner never exceeds the limit, even after a crash.
+        # Called with a rate-limited channel's logs (epoch seconds, one per pool member) before each of its
+        # sends: the owner of the channel persists them, so that the next owner never exceeds the limit,
+        # even after a crash.
         self._before_send = before_send
         self._clock = clock
         self._sleep = sleep
@@ -157,9 +158,9 @@ class Delivery:
         if rate is None:
             lane.limiter = None
         elif lane.limiter is None:
-            lane.limiter = WindowLimiter(rate, clock=self._clock, sleep=self._sleep)
+            lane.limiter = LimiterPool(rate, config.pool_size(), clock=self._clock, sleep=self._sleep)
         else:
-            lane.limiter.configure(rate)  # keep the log: a reload must not reset the window
+            lane.limiter.configure(rate, config.pool_size())  # keep the logs: a reload must not reset the windows
 
     def channels_for(self, engine: Engine) -> dict[str, Channel]:
         """The channel objects a swap to ``engine`` needs (new channels, and those whose config changed).
@@ -207,11 +208,11 @@ class Delivery:
             await endpoint.idle.wait()
         await self._close_channel(endpoint.channel)
 
-    def restore_limiter(self, channel: str, finished: list[float]) -> None:
-        """Resume a channel's rate-limit log from its previous owner (epoch seconds)."""
+    def restore_limiter(self, channel: str, logs: list[list[float]]) -> None:
+        """Resume a channel's rate-limit logs from its previous owner (epoch seconds, one per pool member)."""
         lane = self._lanes.get(channel)
         if lane is not None and lane.limiter is not None:
-            lane.limiter.restore(finished, wall_now=time.time())
+            lane.limiter.restore(logs, wall_now=time.time())
 
     # --- delivering ------------------------------------------------------------------------------
 
@@ -305,7 +306,11 @@ class Delivery:
                     await self._before_send(lane.name, log_now)
                 try:
                     async with asyncio.timeout(lane.config.timeout_seconds):
-                        await endpoint.channel.send(notification)
+                        channel = endpoint.channel
+                        if slot is not None and isinstance(channel, PooledChannel):
+                            await channel.send_via(slot.member, notification)  # the member whose window has room
+                        else:
+                            await channel.send(notification)
                 except DeliveryError:
                     raise
                 except TimeoutError:

@@ -96,6 +96,22 @@ class _Child:
         except OSError:
             return ""
 
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        await self._reap(grace)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
     def kill(self) -> None:
         """SIGKILL, no goodbye: simulates a crash."""
         if self._proc is not None and self._proc.poll() is None:
@@ -220,24 +236,11 @@ class TansuBroker(_Child):
             finally:
                 await admin.close()
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds."""
-        await self._reap(grace)
-
     async def restart(self, grace: float = 5.0) -> None:
         """Stop (or reap after :meth:`kill`) and start again on the same port."""
         await self.stop(grace)
         self._fixed_port = True
         await self.start()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 class MotoS3(_Child):
@@ -299,15 +302,3 @@ class MotoS3(_Child):
                 raise RuntimeError(f"create bucket {name}: HTTP {resp.status} {await resp.text()}")
         if name not in self.buckets:
             self.buckets.append(name)
-
-    async def stop(self, grace: float = 5.0) -> None:
-        await self._reap(grace)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
