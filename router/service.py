@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ class Service:
         self._followers: list[TopicFollower] = []
         self.channel_health: dict[str, str] = {}
         self.on_reload: list[Callable[[Engine], None]] = []
+        # Rules and rendering run off the event loop in one thread: a slow template (bounded by the render
+        # budget) does not stall /healthz, heartbeats and the other records, and records are routed, and
+        # so handed off, in the order they were read, as when routing ran on the loop.
+        self._router_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -302,6 +307,7 @@ class Service:
         for client in [*self._followers, self._reader, self.producer]:
             if client is not None:
                 await quietly(client.stop(), timeout=5.0)
+        self._router_thread.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     # --- routing stage: one source record ---------------------------------------------------------
@@ -330,9 +336,7 @@ class Service:
             await self._dead_letter(record, f"decode: {exc.reason}")
             return
         self.metrics.records.labels(str(event.wire_format)).inc()
-        # Rules and rendering off the event loop: a slow template (bounded by the render budget) must not
-        # stall /healthz, heartbeats and the other records.
-        result = await asyncio.to_thread(engine.route, event)
+        result = await asyncio.get_running_loop().run_in_executor(self._router_thread, engine.route, event)
         for rule in {n.rule for n in result.notifications}:
             self.metrics.rule_matches.labels(rule).inc()
         for failure in result.failures:
