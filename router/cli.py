@@ -10,9 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import orjson
-
-from router import __version__
+from router import __version__, jsoncodec
 from router.channels.registry import BUILT_IN, channel_types
 from router.config import Settings, load_settings
 from router.decode import Limits, iter_events
@@ -28,7 +26,7 @@ from router.engine import (
 )
 from router.errors import ConfigError, DecodeError, RouterError
 from router.notification import Notification
-from router.render import TemplateSet
+from router.render import template_set
 from router.rules import Rule
 
 if TYPE_CHECKING:
@@ -102,7 +100,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             for notification in result.notifications:
-                out.write(orjson.dumps(notification.route_line()).decode() + "\n")
+                out.write(jsoncodec.dumps(notification.route_line()).decode() + "\n")
             for error in result.failures:
                 failed = True
                 print(f"error: {error}", file=sys.stderr)
@@ -119,7 +117,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     config: Path = args.config
     settings = load_settings(config) if config.exists() or args.config_given else Settings()
-    templates = TemplateSet(settings.templates_dir, settings.timezone)
+    templates = template_set(settings)
     if args.template not in templates.text:
         raise ConfigError(f"template {args.template!r} not found under {settings.templates_dir}")
     limits = Limits(settings.max_event_bytes, settings.max_event_depth)

@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_event_bytes: int = Field(default=1_048_576, gt=0)
     max_event_depth: int = Field(default=64, gt=0)
+    render_timeout_seconds: float = Field(
+        default=2.0, gt=0, description="one notification's rendering, all its template blocks; then a render error"
+    )
+    render_max_chars: int = Field(default=1_000_000, gt=0, description="what one notification's rendering may produce")
     channels: dict[str, ChannelConfigBase] = Field(default_factory=dict)
     kafka: KafkaSettings = KafkaSettings()
     service: ServiceSettings = ServiceSettings()

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from router import jsoncodec
 from router.errors import DecodeError
 from router.imm import build_view, canonical_type, infer_type, parse_time
 
@@ -70,6 +71,8 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Editors on Windows start UTF-8 files with one; it is no part of the JSON.
+BOM = b"\xef\xbb\xbf"
 
 
 @contextlib.contextmanager
@@ -93,20 +96,26 @@ def decode(
         return _decode(value, headers, limits)
 
 
-def decode_object(obj: Any, *, limits: Limits = DEFAULT_LIMITS, source: str = "record") -> Event:
-    """Decode an already parsed JSON value (from a file holding an array or one event)."""
+def decode_object(
+    obj: Any, *, limits: Limits = DEFAULT_LIMITS, source: str = "record", size: int | None = None
+) -> Event:
+    """Decode an already parsed JSON value (from a file holding an array or one event). ``size``: its bytes
+    as read, held to ``limits.max_bytes`` like a record's (default: the size of its compact JSON)."""
     with _named(source):
         if isinstance(obj, str):
             return _decode(obj.encode("utf-8", errors="surrogatepass"), (), limits)
         _check_depth(obj, limits.max_depth)
+        _check_size(len(jsoncodec.dumps(obj)) if size is None else size, limits)
         return _from_object(obj, base64_wrapped=False)
 
 
 def iter_events(name: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Iterator[Event | DecodeError]:
     """The events of an input file: one JSON event, a JSON array of events, or JSON lines (each may be
-    a base64 body). Inputs that fail come back as DecodeErrors naming ``name`` and the line or index."""
+    a base64 body). Inputs that fail come back as DecodeErrors naming ``name`` and the line or index.
+    Each event is held to ``limits`` as the service holds a record."""
+    raw = raw.removeprefix(BOM)
     try:
-        whole = orjson.loads(raw)
+        whole = jsoncodec.loads(raw)
     except orjson.JSONDecodeError:
         lines = raw.splitlines()
         for number, line in enumerate(lines, 1):
@@ -121,7 +130,7 @@ def iter_events(name: str, raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Itera
     for index, item in enumerate(items):
         source = f"{name}[{index}]" if isinstance(whole, list) else name
         try:
-            yield decode_object(item, limits=limits, source=source)
+            yield decode_object(item, limits=limits, source=source, size=None if isinstance(whole, list) else len(raw))
         except DecodeError as exc:
             yield exc
 
@@ -130,8 +139,8 @@ def _decode(value: bytes | str | None, headers: Headers, limits: Limits) -> Even
     if value is None:
         raise DecodeError("empty record (no value)")
     raw = value.encode("utf-8", errors="surrogatepass") if isinstance(value, str) else value
-    if len(raw) > limits.max_bytes:
-        raise DecodeError(f"record is {len(raw)} bytes, over the {limits.max_bytes}-byte limit")
+    _check_size(len(raw), limits)
+    raw = raw.removeprefix(BOM)
     ce_headers = _cloudevent_headers(headers)
     if ce_headers is not None:
         payload = _parse_json(raw, limits, what="value")
@@ -263,9 +272,15 @@ def _cloudevent_headers(headers: Headers) -> dict[str, Any] | None:
     return attrs
 
 
+def _check_size(size: int, limits: Limits) -> None:
+    if size > limits.max_bytes:
+        raise DecodeError(f"record is {size} bytes, over the {limits.max_bytes}-byte limit (max_event_bytes)")
+
+
 def _parse_json(raw: bytes, limits: Limits, *, what: str) -> Any:
+    raw = raw.removeprefix(BOM)
     try:
-        obj = orjson.loads(raw)
+        obj = jsoncodec.loads(raw)
     except orjson.JSONDecodeError as exc:
         msg = str(exc)
         if "utf-8" in msg.lower() or "surrogate" in msg.lower():
@@ -296,7 +311,7 @@ def _payload_id(data: dict[str, Any]) -> str:
         value = _text(data.get(key))
         if value:
             return value
-    return "sha256:" + hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return "sha256:" + hashlib.sha256(jsoncodec.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def _epoch_ms(value: Any) -> datetime | None:

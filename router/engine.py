@@ -23,7 +23,7 @@ from router.errors import ConfigError, RenderError
 from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
-from router.render import TemplateSet
+from router.render import TemplateSet, template_set
 from router.rules import (
     EVAL_ERRORS,
     Notify,
@@ -255,7 +255,7 @@ def build(settings: Settings, config_path: Path | None = None) -> Engine:
         return None
 
     try:
-        templates = TemplateSet(settings.templates_dir, settings.timezone)
+        templates = template_set(settings)
     except ConfigError as exc:
         raise ConfigError(f"templates:\n{exc}") from exc
     for name, channel in settings.channels.items():

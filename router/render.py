@@ -3,13 +3,20 @@
 One template file renders every part its channel needs as named blocks (``{% block subject %}``):
 email: subject, text, html; DingTalk: title, text, button_title, button_url; Kafka: key, value;
 webhook: body. The html block is rendered with HTML autoescaping, the others as plain text.
+
+Rendering has a budget, enforced inside the sandbox: a render (all the blocks of one notification) ends
+with a RenderError naming the template once it runs past ``timeout_seconds`` (checked at every ``{% for %}``
+iteration, call and output chunk) or produces more than ``max_chars`` (checked on output and on
+``*``, ``**``, ``+`` and ``~``, which are therefore never folded at load either).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +26,11 @@ import orjson
 from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 
+from router import jsoncodec
 from router.channels.base import ChannelConfigBase
+from router.config import Settings
 from router.errors import ConfigError, RenderError
 from router.imm import VIEW_KEYS
 from router.opsfile import did_you_mean
@@ -87,7 +97,7 @@ def markdown_code(value: Any) -> str:
 def to_json(value: Any, indent: bool = False) -> str:
     """JSON with UTF-8 kept as is (Chinese stays readable)."""
     option = orjson.OPT_INDENT_2 if indent else 0
-    return orjson.dumps(value, option=option | orjson.OPT_NON_STR_KEYS, default=str).decode()
+    return jsoncodec.dumps(value, option=option | orjson.OPT_NON_STR_KEYS, default=str).decode()
 
 
 def clip(value: Any, length: int = 200, marker: str = "…") -> str:
@@ -96,14 +106,146 @@ def clip(value: Any, length: int = 200, marker: str = "…") -> str:
     return text if len(text) <= length else text[: max(0, length - len(marker))] + marker
 
 
+def compact(value: Any, items: int = 20, chars: int = 2000) -> Any:
+    """``value`` with every list cut to its first ``items`` and every string to ``chars`` characters: an
+    alert that carries it stays small whatever the event holds (a 1 MB event is not a 1 MB alert)."""
+    if isinstance(value, str):
+        return clip(value, chars)
+    if isinstance(value, list | tuple):
+        return [compact(item, items, chars) for item in value[:items]]
+    if isinstance(value, Mapping):
+        return {key: compact(item, items, chars) for key, item in value.items()}
+    return value
+
+
+class BudgetExceeded(RenderError):
+    """A render ran out of time or output."""
+
+
+class _Budget:
+    """What is left of one render's time and output, for the thread doing it."""
+
+    _current = threading.local()
+
+    def __init__(self, timeout: float, max_chars: int) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.max_chars = max_chars
+        self.chars = 0
+
+    @classmethod
+    def active(cls) -> _Budget | None:
+        budget: _Budget | None = getattr(cls._current, "budget", None)
+        return budget
+
+    def __enter__(self) -> _Budget:
+        self._current.budget = self
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._current.budget = None
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise BudgetExceeded(f"rendering took longer than {self.timeout:g}s; simplify the loops")
+
+    def room(self) -> int:
+        """Characters the output may still grow by."""
+        return self.max_chars - self.chars
+
+    def output(self, chars: int) -> None:
+        self.chars += chars
+
+    def check(self, value: Any) -> None:
+        """Refuse an intermediate string or sequence longer than the whole output may be."""
+        if isinstance(value, str | list | tuple) and len(value) > self.max_chars:
+            raise self.too_long()
+
+    def too_long(self) -> BudgetExceeded:
+        return BudgetExceeded(f"the output grew past {self.max_chars} characters; clip what it lists")
+
+
+def _loop_budget(iterable: Iterable[Any]) -> Iterable[Any]:
+    budget = _Budget.active()
+    return iterable if budget is None else _ticking(iterable, budget)
+
+
+def _ticking(iterable: Iterable[Any], budget: _Budget) -> Iterator[Any]:
+    for item in iterable:
+        budget.tick()
+        yield item
+
+
+def _text_budget(text: Any) -> Any:
+    budget = _Budget.active()
+    if budget is not None:
+        budget.check(text)
+    return text
+
+
+class _WithBudget(NodeTransformer):
+    """Routes every ``{% for %}`` iterable and every ``~`` result through the budget filters."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, "_loop_budget", [], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        self.generic_visit(node)
+        return nodes.Filter(node, "_text_budget", [], [], None, None, lineno=node.lineno)
+
+
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**", "+"})
+    # Bits a ``**`` result may have (a 30,000-digit number): 2 ** (10**9) would take minutes to compute.
+    MAX_POWER_BITS = 100_000
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        transformed: nodes.Template = _WithBudget().visit(tree)
+        return transformed
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        budget = _Budget.active()
+        if budget is not None:
+            budget.tick()
+        return super().call(context, obj, *args, **kwargs)
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        budget = _Budget.active()
+        if budget is not None:
+            budget.tick()
+            self._refuse_huge(budget, operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        if budget is not None:
+            budget.check(result)
+        return result
+
+    def _refuse_huge(self, budget: _Budget, operator: str, left: Any, right: Any) -> None:
+        """Refuse ``'x' * 10**9`` and ``2 ** (10**9)`` before computing them."""
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**" and ints and abs(left) > 1 and right * abs(left).bit_length() > self.MAX_POWER_BITS:
+            raise BudgetExceeded(f"{left} ** {right} is too large a number")
+        if operator != "*":
+            return
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > budget.max_chars:
+                raise budget.too_long()
+
+
 class TemplateSet:
     """Every template compiled twice (plain text and HTML-autoescaped) at load; nothing parses per event."""
 
-    def __init__(self, templates_dir: Path, timezone: str = "UTC") -> None:
+    def __init__(
+        self, templates_dir: Path, timezone: str = "UTC", *, timeout_seconds: float = 2.0, max_chars: int = 1_000_000
+    ) -> None:
         if not templates_dir.is_dir():
             raise ConfigError("templates directory not found; set templates_dir in the config", path=str(templates_dir))
         self.dir = templates_dir
         self.zone = zoneinfo.ZoneInfo(timezone)
+        self.timeout_seconds = timeout_seconds
+        self.max_chars = max_chars
         self.text_env = self._env(autoescape=False)
         self.html_env = self._env(autoescape=True)
         # name → the template and its ancestors (``{% extends %}``), child first.
@@ -164,7 +306,7 @@ class TemplateSet:
         return chain
 
     def _env(self, *, autoescape: bool) -> ImmutableSandboxedEnvironment:
-        env = ImmutableSandboxedEnvironment(
+        env = _BudgetedSandbox(
             loader=FileSystemLoader(str(self.dir)),
             undefined=StrictUndefined,
             autoescape=autoescape,
@@ -181,6 +323,9 @@ class TemplateSet:
             md_code=markdown_code,
             json=to_json,
             clip=clip,
+            compact=compact,
+            _loop_budget=_loop_budget,
+            _text_budget=_text_budget,
         )
         env.globals.update(severity_icon=SEVERITY_ICON)
         return env
@@ -251,22 +396,39 @@ class TemplateSet:
         return found
 
     def render_parts(self, name: str, wanted: tuple[str, ...], context: Mapping[str, Any]) -> dict[str, str]:
-        """Render the named blocks that the template defines."""
+        """Render the named blocks that the template defines, within one time and output budget."""
         parts: dict[str, str] = {}
         contexts: dict[bool, Context] = {}
-        for block in wanted:
-            html = block == "html"
-            if html not in contexts:
-                contexts[html] = self._context((self.html if html else self.text)[name], context)
-            stack = contexts[html].blocks.get(block)
-            if not stack:
-                continue
-            try:
-                parts[block] = "".join(stack[0](contexts[html])).strip()
-            except TemplateError as exc:
-                raise RenderError(f"template {name!r} block {block!r}: {exc}") from exc
-            except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
-                raise RenderError(f"template {name!r} block {block!r}: {type(exc).__name__}: {exc}") from exc
+        with _Budget(self.timeout_seconds, self.max_chars) as budget:
+            for block in wanted:
+                html = block == "html"
+                if html not in contexts:
+                    contexts[html] = self._context((self.html if html else self.text)[name], context)
+                stack = contexts[html].blocks.get(block)
+                if not stack:
+                    continue
+                try:
+                    chunks = []
+                    room = budget.room()  # time is checked where it can run long: loops and calls
+                    for chunk in stack[0](contexts[html]):
+                        room -= len(chunk)
+                        if room < 0:
+                            raise budget.too_long()
+                        chunks.append(chunk)
+                    budget.output(sum(map(len, chunks)))
+                    parts[block] = "".join(chunks).strip()
+                except RenderError as exc:
+                    raise RenderError(f"template {name!r} block {block!r}: {exc}") from None
+                except TemplateError as exc:
+                    raise RenderError(f"template {name!r} block {block!r}: {exc}") from exc
+                except RecursionError as exc:  # the cause keeps the template line for check's warnings
+                    raise RenderError(
+                        f"template {name!r} block {block!r}: recursion too deep (a macro or loop calling itself)"
+                    ) from exc
+                except MemoryError:
+                    raise RenderError(f"template {name!r} block {block!r}: out of memory; clip what it lists") from None
+                except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+                    raise RenderError(f"template {name!r} block {block!r}: {type(exc).__name__}: {exc}") from exc
         return parts
 
     @staticmethod
@@ -329,3 +491,13 @@ def _undefined_reads(ast: nodes.Template, known: frozenset[str]) -> tuple[list[t
     free = sorted((line, n) for n, line in names.items() if n not in defined and n not in guarded)
     unknown = sorted((line, k) for k, line in keys.items() if f"imm.{k}" not in guarded)
     return free, unknown
+
+
+def template_set(settings: Settings) -> TemplateSet:
+    """The templates of ``settings``, with its time zone and render budget."""
+    return TemplateSet(
+        settings.templates_dir,
+        settings.timezone,
+        timeout_seconds=settings.render_timeout_seconds,
+        max_chars=settings.render_max_chars,
+    )

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jmespath
-import orjson
 from jmespath.exceptions import JMESPathError
 from pydantic import Field, model_validator
 
+from router import jsoncodec
 from router.channels.base import Frozen
 from router.decode import decode, decode_object
 from router.engine import Engine
@@ -86,7 +86,7 @@ def _run_case(engine: Engine, case: Case, base: Path) -> list[str]:
         notification = got.get((expectation.rule, expectation.channel))
         if notification is None:
             continue
-        text = orjson.dumps(notification.payload).decode()
+        text = jsoncodec.dumps(notification.payload).decode()
         plain = str(notification.payload)
         for needle in expectation.contains:
             if needle not in text and needle not in plain:

@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from router import jsoncodec
 from router.alerting.handoff import Handoff, SourceRecord
 from router.alerting.inhibit import InhibitionLog
 from router.alerting.manager import Manager
@@ -46,7 +48,7 @@ class Changelog:
         self.topic = topic
 
     async def put(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
-        body = None if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+        body = None if value is None else jsoncodec.dumps(value, option=orjson.OPT_NON_STR_KEYS)
         await produce(self.producer, self.topic, key=key.encode(), value=body, partition=partition)
 
     async def read(self, reader: AIOKafkaConsumer, partitions: set[int]) -> dict[int, list[tuple[str, Any]]]:
@@ -69,7 +71,7 @@ class Changelog:
                 for r in records:
                     if r.offset < ends[tp] and r.key is not None:
                         try:
-                            value = None if r.value is None else orjson.loads(r.value)
+                            value = None if r.value is None else jsoncodec.loads(r.value)
                         except orjson.JSONDecodeError:
                             log.warning("%s: skipping a changelog entry that is not JSON", where(r))
                             continue
@@ -103,6 +105,10 @@ class Service:
         self._followers: list[TopicFollower] = []
         self.channel_health: dict[str, str] = {}
         self.on_reload: list[Callable[[Engine], None]] = []
+        # Rules and rendering run off the event loop in one thread: a slow template (bounded by the render
+        # budget) does not stall /healthz, heartbeats and the other records, and records are routed, and
+        # so handed off, in the order they were read, as when routing ran on the loop.
+        self._router_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -301,6 +307,7 @@ class Service:
         for client in [*self._followers, self._reader, self.producer]:
             if client is not None:
                 await quietly(client.stop(), timeout=5.0)
+        self._router_thread.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     # --- routing stage: one source record ---------------------------------------------------------
@@ -329,7 +336,7 @@ class Service:
             await self._dead_letter(record, f"decode: {exc.reason}")
             return
         self.metrics.records.labels(str(event.wire_format)).inc()
-        result = engine.route(event)
+        result = await asyncio.get_running_loop().run_in_executor(self._router_thread, engine.route, event)
         for rule in {n.rule for n in result.notifications}:
             self.metrics.rule_matches.labels(rule).inc()
         for failure in result.failures:

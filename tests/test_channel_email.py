@@ -204,3 +204,63 @@ async def test_a_newline_in_an_event_id_is_encoded_in_the_header(tmp_path: Path,
     (received,) = await smtp_plain.wait_for(1)
     assert received.message["X-IMM-Event-Id"] == "evt-1%0D%0ABcc: victim@evil.test"
     assert received.message["Bcc"] is None and received.rcpt_tos == ("oncall@example.test", "duty@example.test")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def email_channel_with_clock(tmp_path: Path, server: SmtpCapture, **extra: Any) -> tuple[Any, Clock, Notification]:
+    engine = make_engine(tmp_path, {"mail": email_config(server, **extra)})
+    clock = Clock()
+    channel = email_channel.EmailChannel("mail", engine.settings.channels["mail"], clock=clock)
+    return channel, clock, notifications(engine, [failed_event(1)])[0]
+
+
+async def test_health_checks_do_not_log_in_every_interval(tmp_path: Path, smtp_tls: TlsSmtpCapture) -> None:
+    channel, clock, _ = email_channel_with_clock(tmp_path, smtp_tls)
+    try:
+        first = await channel.health()
+        for _ in range(5):
+            clock.now += 30
+            later = await channel.health()
+        assert smtp_tls.logins == 1
+        assert f"AUTH as {SMTP_USERNAME})" in first and f"AUTH as {SMTP_USERNAME} 150s ago" in later
+        clock.now += email_channel.LOGIN_CHECK_SECONDS
+        await channel.health()
+        assert smtp_tls.logins == 2  # once an hour it checks the login again
+    finally:
+        await channel.close()
+
+
+async def test_after_a_failed_login_nothing_logs_in_until_the_backoff_passes(
+    tmp_path: Path, smtp_tls: TlsSmtpCapture
+) -> None:
+    channel, clock, notification = email_channel_with_clock(tmp_path, smtp_tls, password="wrong-Pa55word")
+    try:
+        with pytest.raises(DeliveryError, match="authentication failed"):
+            await channel.health()
+        tried = smtp_tls.auth_failures
+        assert tried >= 1
+        for _ in range(3):
+            clock.now += 30
+            with pytest.raises(DeliveryError, match="no login is tried for another") as caught:
+                await channel.health()
+            assert not caught.value.retriable and "wrong-Pa55word" not in str(caught.value)
+            with pytest.raises(DeliveryError, match="no login is tried for another"):
+                await channel.send(notification)
+        assert smtp_tls.auth_failures == tried  # nothing went to the server meanwhile
+        clock.now += email_channel.AUTH_BACKOFF_SECONDS
+        with pytest.raises(DeliveryError, match="authentication failed"):
+            await channel.health()
+        assert smtp_tls.auth_failures == 2 * tried
+        clock.now += email_channel.AUTH_BACKOFF_SECONDS + 1  # the backoff doubled
+        with pytest.raises(DeliveryError, match="no login is tried for another"):
+            await channel.send(notification)
+        assert smtp_tls.auth_failures == 2 * tried and not smtp_tls.messages
+    finally:
+        await channel.close()

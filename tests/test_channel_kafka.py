@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer
 
 from router.channels import make_channel
 from router.config import KafkaSettings
+from router.decode import decode_object
 from router.embedded import free_port
 from router.embedded.broker import TansuBroker
 from router.errors import DeliveryError
@@ -104,3 +105,29 @@ async def test_a_record_over_the_size_limit_is_permanent(
     finally:
         await channel.close()
     assert not caught.value.retriable
+
+
+def test_an_alert_stays_small_whatever_the_event_holds(tmp_path: Path) -> None:
+    engine = make_engine(
+        tmp_path, {"alerts": {"type": "kafka", "topic": "a"}, "hook": {"type": "webhook", "url": "http://h/x"}}
+    )
+    doc = failed_event(1)
+    files = [
+        {"URI": f"oss://bucket/dir/{i:06d}-{'x' * 20}.jpg", "Error": f"[E{i}] broken {'y' * 20}"} for i in range(8000)
+    ]
+    doc["data"] |= {"Files": files, "Message": "m" * 100_000}
+    raw = json.dumps(doc).encode()
+    assert 900_000 < len(raw) < engine.settings.max_event_bytes
+    for notification in notifications(engine, [doc]):
+        body = notification.payload.get("value") or json.dumps(notification.payload["body"])
+        assert len(body.encode()) < 64_000, (notification.channel, len(body))
+        alert = json.loads(body)
+        assert alert["counts"] == {"uris": 8000, "failed_files": 8000}
+        assert len(alert["imm"]["failed_files"]) == 20 and alert["imm"]["error_message"].endswith("…")
+
+
+def test_an_alert_over_max_value_bytes_is_a_render_error_naming_the_limit(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, {"alerts": {"type": "kafka", "topic": "a", "max_value_bytes": 500}})
+    result = engine.route(decode_object(failed_event(1)))
+    (failure,) = result.failures
+    assert "over the channel's max_value_bytes (500)" in failure.reason and not result.notifications

@@ -183,3 +183,15 @@ async def test_a_request_that_can_never_be_sent_is_permanent_and_does_not_open_t
         await delivery.close(1)
     assert [r.json()["imm"]["task_id"] for r in webhook.requests] == [task_id(1)]
     assert counted(metrics, "notifications_failed", "hook") == 1
+
+
+async def test_configured_header_values_are_sent_but_never_shown(tmp_path: Path, webhook: WebhookCapture) -> None:
+    bearer = "Bearer hdr-s3cret-0123456789"
+    channel, notification = setup(tmp_path, webhook, headers={"Authorization": bearer})
+    assert bearer not in json.dumps(notification.payload)
+    webhook.set_statuses([400])
+    webhook.response_body = f"bad token {bearer}"
+    err = await send_failing(channel, notification)
+    (request,) = await webhook.wait_for(1)
+    assert request.headers["authorization"] == bearer
+    assert "hdr-s3cret" not in str(err) and "HTTP 400" in str(err)

@@ -195,3 +195,41 @@ def test_secrets_are_hidden_in_settings_reprs_and_dumps(monkeypatch: pytest.Monk
     for secret in secrets.values():
         assert secret not in shown
     assert settings.channels["ops-email"].password.get_secret_value() == "pw-s3cr3t-CCC"  # type: ignore[union-attr]
+
+
+def test_webhook_header_values_are_secrets_route_and_replay_never_print(tmp_path: Path) -> None:
+    bearer = "Bearer hdr-s3cret-0123456789"
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    notify = [{"channel": "hook", "template": "webhook/alert.json.j2"}]
+    (rules / "r.yaml").write_text(json.dumps({"rules": [{"name": "r", "when": "imm.failed", "notify": notify}]}))
+    hook = {"type": "webhook", "url": "https://hooks.example.com/imm", "headers": {"Authorization": bearer}}
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        json.dumps({"rules_dir": "rules", "templates_dir": str(ROOT / "templates"), "channels": {"hook": hook}})
+    )
+    event = str(EVENTS / "eventbridge" / "Task-AsyncTask.json")
+    routed = imm_router("route", "--config", str(config), event)
+    assert routed.returncode == 0, routed.stderr
+    (line,) = [json.loads(text) for text in routed.stdout.splitlines()]
+    assert line["channel"] == "hook" and "Authorization" not in line["payload"]["headers"]
+    replayed = imm_router("replay", "--config", str(config), "--file", event, "--dry-run")
+    assert replayed.returncode == 0, replayed.stderr
+    assert '"hook"' in replayed.stdout
+    for output in (routed, replayed):
+        assert "hdr-s3cret" not in output.stdout + output.stderr
+    assert "hdr-s3cret" not in repr(load_settings(config))
+
+
+def test_route_holds_events_to_max_event_bytes_as_the_service_does(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(EXAMPLE.read_text().replace("log_level: INFO", "log_level: INFO\nmax_event_bytes: 2000"))
+    (tmp_path / "rules").symlink_to(ROOT / "rules")
+    (tmp_path / "templates").symlink_to(ROOT / "templates")
+    event = json.loads((EVENTS / "eventbridge" / "Task-AsyncTask.json").read_text())
+    event["data"]["Padding"] = "p" * 2_500
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(event))
+    result = imm_router("route", "--config", str(config), str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert f"error: {path}: record is " in result.stderr and "over the 2000-byte limit" in result.stderr

@@ -179,3 +179,70 @@ def test_size_limit_is_configurable() -> None:
 def test_str_values_with_lone_surrogates_do_not_crash() -> None:
     with pytest.raises(DecodeError, match="not valid UTF-8"):
         decode('{"TaskId": "\udc80"}')
+
+
+BIG = 2**64  # beyond what orjson keeps exact
+
+
+def test_integers_beyond_64_bits_stay_exact_and_do_not_collide(engine) -> None:  # type: ignore[no-untyped-def]
+    from router.alerting.handoff import Handoff, SourceRecord
+
+    def failure(ident: int, task: int) -> bytes:
+        doc = {"specversion": "1.0", "id": ident, "type": "imm:Task:MediaConvert", "source": "acs.imm"}
+        data = {"TaskType": "MediaConvert", "TaskId": task, "Status": "Failed", "Code": "E", "ProjectName": "p"}
+        return json.dumps(doc | {"data": data}).encode()
+
+    first, second = decode(failure(BIG + 1, -BIG - 1)), decode(failure(BIG + 2, -BIG - 2))
+    assert (first.id, second.id) == (str(BIG + 1), str(BIG + 2))
+    assert first.data["TaskId"] == -BIG - 1 and first.view["task_id"] == str(-BIG - 1)
+    bare = [decode(json.dumps({"TaskType": "MediaConvert", "Size": BIG + n, "Status": "Failed"})) for n in (1, 2)]
+    assert bare[0].id != bare[1].id  # the sha256 of their canonical JSON
+    routed = [engine.route(event).notifications for event in (first, second)]
+    keys = {n.dedup_key for batch in routed for n in batch}
+    assert len(keys) == sum(len(batch) for batch in routed) > 2
+    kafka = next(n for n in routed[0] if n.channel == "alerts-topic")
+    assert json.loads(kafka.payload["value"])["event"]["id"] == str(BIG + 1)
+    assert json.loads(kafka.payload["value"])["imm"]["task_id"] == str(-BIG - 1)
+    source = SourceRecord("t", 0, 1, None, failure(BIG + 1, -BIG - 1), ())
+    result = engine.route(first)
+    again = Handoff.decode(Handoff(kafka, result.root, 0.0, source).encode(), where="t")
+    assert again.root["event"]["id"] == str(BIG + 1) and again.root["TaskId"] == -BIG - 1
+
+
+def test_a_utf8_bom_is_accepted_and_stripped() -> None:
+    from router.decode import iter_events
+
+    event = _load(EVENTBRIDGE[0])
+    raw = json.dumps(event, ensure_ascii=False).encode()
+    bom = b"\xef\xbb\xbf"
+    expected = decode(raw)
+    for variant in (bom + raw, base64.b64encode(bom + raw)):
+        assert decode(variant).data == expected.data
+    (from_file,) = iter_events("with-bom.json", bom + raw)
+    assert not isinstance(from_file, DecodeError) and from_file.data == expected.data
+    lines = list(iter_events("lines.jsonl", bom + raw + b"\n" + raw))
+    assert [getattr(e, "data", e) for e in lines] == [expected.data] * 2
+    mns = _mns({"TaskType": "MediaConvert", "Status": "Failed"})
+    mns["content"] = "\ufeff" + mns["content"]
+    assert decode(json.dumps(mns).encode()).data["Status"] == "Failed"
+
+
+def test_files_and_records_are_held_to_one_size_rule() -> None:
+    from router.decode import iter_events
+
+    limits = Limits(max_bytes=2_000)
+    event = _load(EVENTBRIDGE[0])
+    event["data"]["Padding"] = "p" * 2_500
+    big = json.dumps(event).encode()
+    small = json.dumps(_load(EVENTBRIDGE[0])).encode()
+    with pytest.raises(DecodeError, match="over the 2000-byte limit"):
+        decode(big, limits=limits)
+    for name, raw, source in (
+        ("one.json", big, "one.json"),
+        ("many.json", b"[" + small + b"," + big + b"]", "many.json[1]"),
+        ("lines.jsonl", small + b"\n" + big, "lines.jsonl:2"),
+    ):
+        results = list(iter_events(name, raw, limits))
+        errors = [r for r in results if isinstance(r, DecodeError)]
+        assert [e.source for e in errors] == [source] and "over the 2000-byte limit" in str(errors[0])
+        assert len(results) - len(errors) == (0 if name == "one.json" else 1)

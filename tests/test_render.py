@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -144,3 +145,55 @@ def test_dingtalk_url_must_carry_a_token_and_is_redacted() -> None:
 def test_localtime_of_an_edge_year_falls_back_to_the_raw_string(tmp_path: Path, value: str, zone: str) -> None:
     ts = templates(tmp_path, {"t.j2": "{% block text %}[{{ t | localtime }}]{% endblock %}"}, zone)
     assert ts.render_parts("t.j2", ("text",), {"t": value}) == {"text": f"[{value}]"}
+
+
+def budgeted(tmp_path: Path, body: str, *, timeout: float = 0.3, max_chars: int = 100_000) -> TemplateSet:
+    (tmp_path / "t.j2").write_text("{% block text %}" + body + "{% endblock %}", encoding="utf-8")
+    started = time.monotonic()
+    ts = TemplateSet(tmp_path, "UTC", timeout_seconds=timeout, max_chars=max_chars)
+    assert time.monotonic() - started < 2, "nothing may be computed at load"
+    return ts
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "longer than 0.3s"),
+        ("{% for x in range(10) recursive %}{% for y in range(10) %}{{ loop([1, 2]) }}{% endfor %}{% endfor %}", ""),
+        ("{{ 'x' * 10**9 }}", "past 100000 characters"),
+        ("{{ [1] * 10**9 }}", "past 100000 characters"),
+        ("{{ 2 ** (10**9) }}", "too large a number"),
+        ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "past 100000 characters"),
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "past 100000 characters",
+        ),
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "past 100000 characters",
+        ),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion too deep"),
+        ("{% macro f(n) %}{% for i in range(10) %}{{ f(n + 1) }}{% endfor %}{% endmacro %}{{ f(0) }}", ""),
+    ],
+)
+def test_rendering_has_a_time_and_output_budget(tmp_path: Path, body: str, problem: str) -> None:
+    ts = budgeted(tmp_path, body)
+    started = time.monotonic()
+    with pytest.raises(RenderError, match=r"template 't\.j2' block 'text': ") as caught:
+        ts.render_parts("t.j2", ("text",), {})
+    assert problem in str(caught.value)
+    assert time.monotonic() - started < 3
+
+
+def test_a_render_within_the_budget_is_unchanged(tmp_path: Path) -> None:
+    ts = budgeted(tmp_path, "{% for i in range(1000) %}{{ loop.index }}{% endfor %}|{{ 'ab' * 3 }}|{{ 2 ** 10 }}")
+    text = ts.render_parts("t.j2", ("text",), {})["text"]
+    assert text.endswith("|ababab|1024") and text.startswith("123")
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "data:text/html,x", "/relative", ""])
+def test_a_dingtalk_button_only_ever_points_at_http(url: str) -> None:
+    card = dingtalk(msgtype="actionCard").build_payload(
+        {"title": "T", "text": "b", "button_title": "Open", "button_url": url}, META
+    )
+    assert card["msgtype"] == "markdown" and "actionCard" not in card

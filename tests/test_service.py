@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -505,3 +506,39 @@ async def test_replay_hands_a_dead_lettered_alert_to_the_running_router(
         assert "handed off:" in out.decode() and "any-failure → hook" in out.decode()
         delivered = await webhook.wait_for(2, timeout=20)  # the refused attempt, then the replayed one
     assert delivered[-1].json()["imm"]["task_id"] == "t-replay"
+
+
+async def test_a_slow_template_does_not_stall_the_event_loop(tansu: TansuBroker, unique_topic, tmp_path: Path) -> None:
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    templates = tmp_path / "templates"
+    shutil.copytree(ROOT / "templates", templates)
+    # A few seconds of looping: within its budget, but seconds the event loop must not lose.
+    slow = "{% for a in range(5000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}{{ imm.task_id }}"
+    (templates / "kafka" / "slow.j2").write_text("{% block value %}" + slow + "{% endblock %}")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path, "kafka/slow.j2"),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+    )
+    path.write_text(
+        json.dumps(json.loads(path.read_text()) | {"templates_dir": str(templates), "render_timeout_seconds": 30})
+    )
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    async with running(path) as service:
+        await wait_until(lambda: bool(service.owned_partitions), what="the notify stage's partitions")
+        ticking = asyncio.create_task(ticker())
+        await produce(tansu.bootstrap_servers, topic, [(failed_task("slow-1"), [])])
+        (alert,) = await consume(tansu.bootstrap_servers, alerts, 1)
+        ticking.cancel()
+    assert alert.value == b"slow-1"
+    assert max(gaps) < 0.3, f"the event loop stalled for {max(gaps):.2f}s"

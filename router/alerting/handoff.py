@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from router import jsoncodec
 from router.errors import DecodeError
 from router.notification import Notification
 
@@ -47,7 +48,7 @@ class Handoff:
 
     def encode(self) -> bytes:
         n, src = self.notification, self.source
-        return orjson.dumps(
+        return jsoncodec.dumps(
             {
                 "n": {
                     "event_id": n.event_id,
@@ -78,7 +79,7 @@ class Handoff:
     def decode(cls, raw: bytes | None, *, where: str) -> Handoff:
         """Raises DecodeError naming ``where`` for anything that is not a handoff record."""
         try:
-            doc = orjson.loads(raw or b"")
+            doc = jsoncodec.loads(raw or b"")
             n, src, root = doc["n"], doc["src"], doc["root"]
             notification = Notification(
                 event_id=str(n["event_id"]),

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from pydantic import Field
 
+from router import jsoncodec
 from router.alerting.timing import Duration
 from router.channels.base import Frozen
 
@@ -43,7 +44,7 @@ class InhibitionLog:
 
     @staticmethod
     def key(source_rule: str, equal: tuple[str, ...], values: tuple[Any, ...]) -> str:
-        return orjson.dumps([source_rule, equal, values], option=orjson.OPT_NON_STR_KEYS).decode()
+        return jsoncodec.dumps([source_rule, equal, values], option=orjson.OPT_NON_STR_KEYS).decode()
 
     def add(self, key: str, seen: float) -> None:
         if seen > self._seen.get(key, float("-inf")):

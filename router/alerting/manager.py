@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from router import jsoncodec
 from router.alerting.handoff import Handoff
 from router.alerting.inhibit import InhibitionLog
 from router.alerting.timing import active
@@ -537,4 +538,5 @@ class Manager:
 
 
 def _bucket_key(kind: str, n: Notification, values: tuple[Any, ...]) -> str:
-    return kind + "|" + orjson.dumps([n.rule, n.channel, n.template, values], option=orjson.OPT_NON_STR_KEYS).decode()
+    labels = jsoncodec.dumps([n.rule, n.channel, n.template, values], option=orjson.OPT_NON_STR_KEYS)
+    return f"{kind}|{labels.decode()}"

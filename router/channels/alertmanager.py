@@ -154,6 +154,9 @@ class AlertmanagerChannel:
     """POSTs ``[alert]`` to every URL at once; delivered when one accepted. 5xx, 429 and transport
     failures are retriable, other answers (a 400 for a malformed alert, a 401) are not."""
 
+    # Readiness (GET /-/ready) with the configured credentials: a proxy in front refuses wrong ones.
+    health_verifies_credentials = True
+
     def __init__(self, name: str, config: AlertmanagerConfig) -> None:
         self.name = name
         self.config = config

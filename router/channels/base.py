@@ -201,7 +201,10 @@ def _encodings(secret: str) -> set[str]:
 
 
 class Channel(Protocol):
-    """A destination. ``send`` makes exactly one attempt and raises DeliveryError on failure."""
+    """A destination. ``send`` makes exactly one attempt and raises DeliveryError on failure.
+
+    A channel class may set ``health_verifies_credentials = True`` when a healthy ``health()`` means its
+    credentials work too; without it, ``check --live`` calls a healthy channel only "reachable"."""
 
     name: str
 

@@ -113,7 +113,7 @@ class DingTalkConfig(ChannelConfigBase):
                 text = f"{text.rstrip()}\n\n{' '.join(missing)}"
             if self.msgtype == "text":
                 return {"msgtype": "text", "text": {"content": f"{title}\n{text}"}, "at": at}
-            if self.msgtype == "actionCard" and parts.get("button_url", "").strip():
+            if self.msgtype == "actionCard" and _http_url(parts.get("button_url", "")):
                 card = {
                     "title": title,
                     "text": text,
@@ -136,6 +136,12 @@ class DingTalkConfig(ChannelConfigBase):
                 payload = body(raw.decode(errors="ignore") + TRUNCATION_MARKER)
                 size = len(orjson.dumps(payload))
         return payload
+
+
+def _http_url(text: str) -> bool:
+    """Whether a button may point there: http(s) only (a template could have put ``javascript:`` in it)."""
+    parts = urlsplit(text.strip())
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
 def sign(secret: str, timestamp_ms: int) -> str:
@@ -199,7 +205,8 @@ class DingTalkChannel:
     async def health(self) -> str:
         # Reachability only: a request to the robot, even a refused one, might count against its 20 a minute.
         hosts = {(url.host, url.port): url for url, _ in self._robots}
-        return "; ".join([await self._http.reachable(url) for url in hosts.values()])
+        reachable = "; ".join([await self._http.reachable(url) for url in hosts.values()])
+        return f"{reachable}; nothing sent, so the access_token and secret are not verified"
 
     async def close(self) -> None:
         await self._http.close()

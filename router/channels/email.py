@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any, ClassVar, Literal
@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 # Servers drop idle sessions after a few minutes, and a NAT may drop them silently (the next send would
 # then hang until its timeout): a connection idle longer than this is closed rather than reused.
 MAX_IDLE_SECONDS = 60.0
+# A health check logs in at most this often (a send that logs in counts too): a login every check would
+# fill the server's auth log, and with a wrong password risk locking the account.
+LOGIN_CHECK_SECONDS = 3_600.0
+# After an authentication failure nothing logs in (no send, no check) for this long, doubling after each
+# further failure up to AUTH_BACKOFF_MAX_SECONDS: the same wrong password again and again locks accounts.
+AUTH_BACKOFF_SECONDS = 300.0
+AUTH_BACKOFF_MAX_SECONDS = 3_600.0
 
 
 class EmailConfig(ChannelConfigBase):
@@ -69,12 +76,19 @@ class EmailChannel:
 
     The pool grows to the number of concurrent sends the delivery stage allows."""
 
-    def __init__(self, name: str, config: EmailConfig) -> None:
+    health_verifies_credentials = True  # AUTH, at most once per LOGIN_CHECK_SECONDS
+
+    def __init__(self, name: str, config: EmailConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.config = config
+        self._clock = clock
         self._scrub = Scrubber(config.secret_values())
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # with the time each went idle
         self._tls_context: ssl.SSLContext | None = None
+        self._logged_in_at: float | None = None
+        self._auth_failure: str | None = None  # what the last login failure said, while backing off
+        self._auth_retry_at = 0.0
+        self._auth_backoff = AUTH_BACKOFF_SECONDS
 
     def _message(self, payload: Mapping[str, Any]) -> EmailMessage:
         message = EmailMessage()
@@ -106,19 +120,32 @@ class EmailChannel:
             self._tls_context = ctx
         return self._tls_context
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self, *, login: bool = True) -> aiosmtplib.SMTP:
         cfg = self.config
+        login = login and cfg.username is not None
+        if login and self._auth_failure is not None and self._clock() < self._auth_retry_at:
+            wait = self._auth_retry_at - self._clock()
+            raise self._error(f"{self._auth_failure}; no login is tried for another {wait:.0f}s", False)
         client = aiosmtplib.SMTP(
             hostname=cfg.host,
             port=cfg.port,
             use_tls=cfg.tls == "implicit",
             start_tls=cfg.tls == "starttls",
             tls_context=self._context() if cfg.tls != "none" else None,
-            username=cfg.username,
-            password=cfg.password.get_secret_value() if cfg.password else None,
+            username=cfg.username if login else None,
+            password=cfg.password.get_secret_value() if cfg.password and login else None,
             timeout=cfg.timeout_seconds,
         )
-        await client.connect()  # EHLO, STARTTLS, EHLO again, AUTH
+        try:
+            await client.connect()  # EHLO, STARTTLS, EHLO again, AUTH
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            self._auth_failure = self._auth_failed(exc)
+            self._auth_retry_at = self._clock() + self._auth_backoff
+            self._auth_backoff = min(self._auth_backoff * 2, AUTH_BACKOFF_MAX_SECONDS)
+            raise
+        if login:
+            self._logged_in_at = self._clock()
+            self._auth_failure, self._auth_backoff = None, AUTH_BACKOFF_SECONDS
         return client
 
     async def _transact(self, client: aiosmtplib.SMTP, message: EmailMessage) -> None:
@@ -164,7 +191,7 @@ class EmailChannel:
             # Wrong port for the tls mode, no common protocol: the config has to change.
             return self._error(f"TLS handshake failed (is tls: {self.config.tls} right for this port?): {tls}", False)
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            return self._error(f"authentication failed for {self.config.username}: {exc.code} {exc.message}", False)
+            return self._error(self._auth_failed(exc), False)
         if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
             detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
             return self._error(f"all recipients refused: {detail}", any(400 <= r.code < 500 for r in exc.recipients))
@@ -176,13 +203,19 @@ class EmailChannel:
         # Anything else is the server not supporting what the config asks for (STARTTLS, AUTH, SMTPUTF8).
         return self._error(f"{type(exc).__name__}: {exc}", False)
 
+    def _auth_failed(self, exc: aiosmtplib.SMTPAuthenticationError) -> str:
+        return f"authentication failed for {self.config.username}: {exc.code} {exc.message}"
+
     def _error(self, message: str, retriable: bool) -> DeliveryError:
         return DeliveryError(self._scrub(message), retriable=retriable, channel=self.name)
 
     async def health(self) -> str:
-        # A connection of its own, from scratch: connecting, TLS and AUTH are what can go wrong.
+        # A connection of its own, from scratch: connecting and TLS are what can go wrong. AUTH too, but it
+        # is checked only when no login succeeded for LOGIN_CHECK_SECONDS, and not while backing off.
+        since = None if self._logged_in_at is None else self._clock() - self._logged_in_at
+        login = since is None or since > LOGIN_CHECK_SECONDS or self._auth_failure is not None
         try:
-            client = await self._connect()
+            client = await self._connect(login=login)
             try:
                 await client.noop()
                 await client.quit()
@@ -190,7 +223,8 @@ class EmailChannel:
                 client.close()
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._classify(exc) from None
-        auth = f", AUTH as {self.config.username}" if self.config.username else ""
+        user = self.config.username
+        auth = "" if user is None else f", AUTH as {user}" if login else f", AUTH as {user} {since:.0f}s ago"
         return f"SMTP {self.config.host}:{self.config.port} answered EHLO and NOOP (tls {self.config.tls}{auth})"
 
     async def close(self) -> None:

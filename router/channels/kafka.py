@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import Field
 
 from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber
-from router.errors import DeliveryError
+from router.errors import DeliveryError, RenderError
 from router.notification import Notification
 
 if TYPE_CHECKING:  # router.config imports this module
@@ -29,12 +29,22 @@ class KafkaChannelConfig(ChannelConfigBase):
     idempotent: bool = Field(default=False, description="aiokafka's idempotent producer; Tansu does not support it")
     linger_ms: int = Field(default=5, ge=0)
     max_batch_bytes: int = Field(default=1_048_576, gt=0)
+    max_value_bytes: int = Field(
+        default=1_000_000, gt=0, description="a larger alert is a render error, not a record the broker refuses"
+    )
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
+        value = parts["value"].strip()
+        size = len(value.encode())
+        if size > self.max_value_bytes:
+            raise RenderError(
+                f"the alert is {size} bytes, over the channel's max_value_bytes ({self.max_value_bytes}); "
+                "list less of the event in the template (the `compact` filter clips lists and strings)"
+            )
         return {
             "topic": self.topic,
             "key": parts.get("key", "").strip() or meta.event_id,
-            "value": parts["value"].strip(),
+            "value": value,
             "headers": {"imm-event-id": meta.event_id, "imm-rule": meta.rule},
         }
 
@@ -43,6 +53,8 @@ class KafkaChannel:
     """Produces each payload with one long-lived producer, started on first use.
 
     The source's client id and SASL / SSL settings apply; ``bootstrap_servers`` may point elsewhere."""
+
+    health_verifies_credentials = True  # a metadata request authenticates (SASL)
 
     def __init__(self, name: str, config: KafkaChannelConfig, kafka: KafkaSettings) -> None:
         self.name = name

@@ -11,6 +11,7 @@ import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from yarl import URL
 
+from router import jsoncodec
 from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber, check_http_url, header_value
 from router.channels.http import HttpClient
 from router.errors import DeliveryError, RenderError
@@ -22,7 +23,9 @@ class WebhookConfig(ChannelConfigBase):
 
     type: Literal["webhook"]
     url: SecretStr = Field(description="may carry a token, so it is treated as a secret")
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="values are secrets (Authorization: Bearer …): added at send time only"
+    )
     hmac_secret: SecretStr | None = None
     signature_header: str = Field(
         default="X-IMM-Signature", description='"sha256=" + hex HMAC-SHA256 of the exact body bytes'
@@ -35,12 +38,18 @@ class WebhookConfig(ChannelConfigBase):
 
     def build_payload(self, parts: Mapping[str, str], meta: PayloadMeta) -> dict[str, Any]:
         try:
-            body = orjson.loads(parts["body"])
+            body = jsoncodec.loads(parts["body"])
         except orjson.JSONDecodeError as exc:
             raise RenderError(f"webhook body is not valid JSON: {exc}") from exc
-        headers = {"Content-Type": "application/json", **self.headers}
-        headers |= {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)}
+        # The configured headers are not part of the payload: it is printed (route, replay --dry-run) and
+        # travels through the notifications topic. The channel adds them when it sends.
+        headers = {"X-IMM-Event-Id": header_value(meta.event_id), "X-IMM-Rule": header_value(meta.rule)}
         return {"method": "POST", "headers": headers, "body": body}
+
+    def secret_values(self) -> tuple[str, ...]:
+        # Short values ("1", "no") cannot be secrets and would mask every such word in an error text.
+        configured = (v.get_secret_value() for v in self.headers.values())
+        return (*super().secret_values(), *(v for v in configured if len(v) >= 4))
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -58,8 +67,9 @@ class WebhookChannel:
 
     async def send(self, notification: Notification) -> None:
         payload = notification.payload
-        body = orjson.dumps(payload["body"])
-        headers = dict(payload["headers"])
+        body = jsoncodec.dumps(payload["body"])
+        configured = {name: value.get_secret_value() for name, value in self.config.headers.items()}
+        headers = {"Content-Type": "application/json", **configured, **payload["headers"]}
         if self.config.hmac_secret is not None:
             headers[self.config.signature_header] = signature(self.config.hmac_secret.get_secret_value(), body)
         answer = await self._http.request("POST", self._url, body=body, headers=headers)
@@ -71,7 +81,8 @@ class WebhookChannel:
         raise DeliveryError(message, retriable=retriable, channel=self.name)
 
     async def health(self) -> str:
-        return await self._http.reachable(self._url)
+        reachable = await self._http.reachable(self._url)
+        return f"{reachable}; nothing sent, so the URL's path and token are not verified"
 
     async def close(self) -> None:
         await self._http.close()

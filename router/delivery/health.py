@@ -1,5 +1,6 @@
-"""Live channel health: can each channel reach its server (SMTP EHLO/NOOP, DingTalk and webhook
-connect, Kafka metadata)? Used by ``imm-router check --live``."""
+"""Live channel health: can each channel reach its server (SMTP EHLO/NOOP and AUTH, DingTalk and webhook
+connect, Kafka metadata)? Used by ``imm-router check --live``. Nothing is sent: a channel whose
+credentials only a message could verify (DingTalk, webhook) is reported "reachable", never "ok"."""
 
 from __future__ import annotations
 
@@ -39,5 +40,7 @@ async def check_live(engine: Engine) -> int:
     finally:
         await asyncio.gather(*(channel.close() for channel in channels.values()), return_exceptions=True)
     for (name, config), (healthy, detail) in zip(configs.items(), results, strict=True):
-        print(f"  live {name} ({config.type}): {'ok' if healthy else 'FAILED'}: {detail}")
+        verified = getattr(channels[name], "health_verifies_credentials", False)
+        state = "FAILED" if not healthy else "ok" if verified else "reachable"
+        print(f"  live {name} ({config.type}): {state}: {detail}")
     return 0 if all(healthy for healthy, _ in results) else 1

@@ -74,6 +74,7 @@ class SmtpCapture:
         self.received: Recorder[ReceivedMessage] = Recorder()  # accepted messages
         self.rejected: Recorder[ReceivedMessage] = Recorder()  # answered by fail_next()
         self.auth_failures = 0
+        self.logins = 0  # successful AUTHs
         self._failures: list[tuple[int, str]] = []
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
@@ -142,7 +143,9 @@ class SmtpCapture:
             and hmac.compare_digest(auth_data.login, self.auth[0].encode())
             and hmac.compare_digest(auth_data.password, self.auth[1].encode())
         )
-        if not ok:
+        if ok:
+            self.logins += 1
+        else:
             self.auth_failures += 1
         # handled=False: let aiosmtpd answer "535 5.7.8 Authentication credentials invalid".
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
+from router import jsoncodec
 from router.alerting.handoff import Handoff, SourceRecord
 from router.decode import decode, iter_events
 from router.engine import Engine, load
@@ -66,7 +66,7 @@ async def replay(config_path: Path, *, source: Path | None, match: str | None, d
                 ]
                 for notification in notifications:
                     if producer is None:
-                        print(orjson.dumps(notification.route_line()).decode())
+                        print(jsoncodec.dumps(notification.route_line()).decode())
                         continue
                     handoff = Handoff(notification, result.root, time.time(), source_record)
                     await produce(
