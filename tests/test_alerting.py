@@ -9,6 +9,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +18,19 @@ from typing import Any
 import aiohttp
 import pytest
 
+from router.alerting.handoff import Handoff, SourceRecord
+from router.alerting.manager import Manager
+from router.decode import decode_object
+from router.delivery.pipeline import Delivery
 from router.embedded.broker import TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
 from router.engine import load
 from router.errors import ConfigError
+from router.metrics import Metrics
 from router.service import Service
 from tests.conftest import ROOT
+from tests.test_delivery_support import failed_event, task_id
+from tests.test_dingtalk_pool import ChangelogRecorder
 from tests.test_service import config, produce, running, start_router, wait_until
 from tests.test_silences import cli
 
@@ -255,6 +263,50 @@ async def test_partitions_revoked_before_any_record_are_released_too(tansu, uniq
                 )
                 assert set(first.owned_partitions).isdisjoint(second.owned_partitions)
                 assert first.metrics.owned_partitions._value.get() == 2
+
+
+async def test_a_group_message_after_a_lost_state_write_is_sent_not_taken_for_a_duplicate(tmp_path: Path) -> None:
+    """A revocation between a group's send and its state write leaves the changelog one message behind. When
+    the same process owns the channel again, its next message for the group carries other alerts and must
+    be sent: it was numbered like the one already sent, and delivery dropped it as a duplicate, settling (so
+    losing) every alert in it."""
+    async with robot() as server:
+        (tmp_path / "rules").mkdir()
+        target = {"channel": "robot", "template": "dingtalk/task-failed.md.j2", "group_by": ["imm.project"]}
+        rule = {"name": "task-failed", "when": "imm.failed", "notify": [{**target, "group_wait": "0s"}]}
+        (tmp_path / "rules" / "r.yaml").write_text(json.dumps({"rules": [rule]}))
+        channels = {"robot": {"type": "dingtalk", "url": server.webhook_url("tok"), "secret": "sec"}}
+        doc = {"rules_dir": "rules", "templates_dir": str(ROOT / "templates"), "channels": channels}
+        (tmp_path / "router.yaml").write_text(json.dumps(doc))
+        engine = load(tmp_path / "router.yaml")
+        delivery = Delivery(engine, {}, Metrics())
+        changelog = ChangelogRecorder()
+
+        async def never(*_: Any) -> None:
+            raise AssertionError("nothing is dead-lettered")
+
+        manager = Manager(engine, delivery, Metrics(), changelog=changelog, dead_letter=never)
+        settled: list[int] = []
+
+        def handoff(i: int) -> Handoff:
+            result = engine.route(decode_object(failed_event(i)))
+            return Handoff(result.notifications[0], result.root, time.time(), SourceRecord("t", 0, i, None, None, ()))
+
+        try:
+            manager.assign(0, [])
+            await manager.accept(0, handoff(1), lambda: settled.append(1))
+            await wait_until(lambda: settled == [1], what="the first message sent")
+            # The write after the send is lost: the changelog has the group as never sent.
+            lost = [(k, v) for k, v in changelog.entries if not (k.startswith("b|") and v and v["messages"])]
+            manager.revoke({0})
+            manager.assign(0, lost)
+            await manager.accept(0, handoff(2), lambda: settled.append(2))
+            await wait_until(lambda: settled == [1, 2], what="the second alert settled")
+        finally:
+            await manager.close(1)
+            await delivery.close(1)
+        assert len(server.messages) == 2
+        assert task_id(2) in texts(server)[1]
 
 
 async def test_a_throttled_key_stays_throttled_when_its_channel_moves(tansu, unique_topic, tmp_path: Path) -> None:

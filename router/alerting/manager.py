@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -470,8 +471,14 @@ class Manager:
             bucket.messages + 1,
         )
         payload = self.engine.render_group(bucket.channel, bucket.template, alerts, facts)
+        # The id says what the message carries, not only its number: after a takeover the number can repeat
+        # (the state write after a send can be lost to a revocation), and delivery's duplicate memory must
+        # not take a message with other alerts for one already sent.
+        carried = hashlib.blake2b(digest_size=8)
+        for alert in alerts:
+            carried.update(jsoncodec.dumps(alert.dedup_key))
         return Notification(
-            event_id=f"{bucket.kind}:{bucket.key}:{bucket.messages + 1}:{part + 1}",
+            event_id=f"{bucket.kind}:{bucket.key}:{bucket.messages + 1}:{part + 1}:{carried.hexdigest()}",
             event_type=f"imm-router:{bucket.kind}",
             rule=bucket.rule,
             channel=bucket.channel,
