@@ -27,6 +27,18 @@ KNOWN_TASKS = frozenset({
 MODERATION_TASKS = frozenset({"ImageModeration", "VideoModeration"})
 # The events POST /ingest/alertmanager makes of a Prometheus Alertmanager webhook: one per alert, by its status.
 ALERTMANAGER_TYPES = frozenset({"alertmanager:firing", "alertmanager:resolved"})
+# What such an event's data carries under ``alertmanager``: the webhook notification around the alert,
+# each field there (these defaults when Alertmanager leaves one out).
+ALERT_CONTEXT: dict[str, Any] = {
+    "receiver": "",
+    "status": "",
+    "externalURL": "",
+    "groupKey": "",
+    "groupLabels": {},
+    "commonLabels": {},
+    "commonAnnotations": {},
+    "truncatedAlerts": 0,
+}
 # Every event type IMM sends (its EventBridge documentation), as the decoder names them; imm:Unknown is
 # what a bare payload of no recognisable shape becomes; and the Alertmanager alerts.
 KNOWN_EVENT_TYPES = ALERTMANAGER_TYPES | frozenset(
@@ -351,15 +363,6 @@ def _example_alerts(status: str) -> dict[str, dict[str, Any]]:
         "labels": {"alertname": "ExampleDown"},
         "annotations": {},
         "generatorURL": "",
-        "alertmanager": {
-            "receiver": "imm-router",
-            "status": status,
-            "externalURL": "",
-            "groupKey": "{}",
-            "groupLabels": {},
-            "commonLabels": {},
-            "commonAnnotations": {},
-            "truncatedAlerts": 0,
-        },
+        "alertmanager": ALERT_CONTEXT | {"receiver": "imm-router", "status": status},
     }
     return {"full": full, "minimal": minimal}

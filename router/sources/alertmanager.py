@@ -24,21 +24,11 @@ from pydantic import Field, SecretStr, model_validator
 
 from router.channels.base import Frozen
 from router.errors import IngestRefused
+from router.imm import ALERT_CONTEXT
 from router.sources.eventbridge import STRUCTURED, Record, check_token, json_body
 
 VERSION = "4"
 STATUSES = ("firing", "resolved")
-# The notification's fields each event carries under ``alertmanager`` (missing ones as "" / {} / 0).
-CONTEXT: dict[str, Any] = {
-    "receiver": "",
-    "status": "",
-    "externalURL": "",
-    "groupKey": "",
-    "groupLabels": {},
-    "commonLabels": {},
-    "commonAnnotations": {},
-    "truncatedAlerts": 0,
-}
 
 
 class AlertmanagerIngestSettings(Frozen):
@@ -68,7 +58,7 @@ def records(body: bytes) -> list[Record]:
     alerts = doc.get("alerts")
     if not isinstance(alerts, list) or not alerts:
         raise _malformed("`alerts` is not a non-empty array")
-    context = {key: doc.get(key, default) for key, default in CONTEXT.items()}
+    context = {key: doc.get(key, default) for key, default in ALERT_CONTEXT.items()}
     return [_record(alert, context, f"alerts[{i}]") for i, alert in enumerate(alerts)]
 
 
