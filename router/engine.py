@@ -222,6 +222,8 @@ def _alert_doc(n: Notification) -> dict[str, Any]:
 def summary_line(event: Event, rule: str, severity: str) -> str:
     view = event.view
     bits = [f"[{severity}]", rule, view.get("task_type") or event.type]
+    if not event.type.startswith("imm:") and event.subject:
+        bits.append(event.subject)  # an Alertmanager alert's alertname; IMM subjects only repeat the project
     bits += [str(v) for v in (view.get("project"), view.get("task_id"), view.get("error_code")) if v]
     moderation = view.get("moderation")
     if moderation and moderation.get("suggestion"):

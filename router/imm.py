@@ -25,9 +25,23 @@ KNOWN_TASKS = frozenset({
     "FacesSearching", "LiveTranscoding", "DecodeBlindWatermark",
 })  # fmt: skip
 MODERATION_TASKS = frozenset({"ImageModeration", "VideoModeration"})
+# The events POST /ingest/alertmanager makes of a Prometheus Alertmanager webhook: one per alert, by its status.
+ALERTMANAGER_TYPES = frozenset({"alertmanager:firing", "alertmanager:resolved"})
+# What such an event's data carries under ``alertmanager``: the webhook notification around the alert,
+# each field there (these defaults when Alertmanager leaves one out).
+ALERT_CONTEXT: dict[str, Any] = {
+    "receiver": "",
+    "status": "",
+    "externalURL": "",
+    "groupKey": "",
+    "groupLabels": {},
+    "commonLabels": {},
+    "commonAnnotations": {},
+    "truncatedAlerts": 0,
+}
 # Every event type IMM sends (its EventBridge documentation), as the decoder names them; imm:Unknown is
-# what a bare payload of no recognisable shape becomes.
-KNOWN_EVENT_TYPES = frozenset(
+# what a bare payload of no recognisable shape becomes; and the Alertmanager alerts.
+KNOWN_EVENT_TYPES = ALERTMANAGER_TYPES | frozenset(
     {f"imm:Task:{task}" for task in KNOWN_TASKS}
     | {f"imm:FileMeta:{kind}" for kind in ("Index", "Delete", "BatchIndex", "BatchDelete", "BatchUpdate")}
     | {f"imm:Engine:{kind}" for kind in ("Exif", "Mime", "OSSMeta", "Tag")}
@@ -184,6 +198,8 @@ def _uris(data: dict[str, Any]) -> list[str]:
 
 
 def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> dict[str, Any]:
+    if event_type in ALERTMANAGER_TYPES:
+        return _alert_view(data)
     reasons = failure_reasons(data)
     result = outcome(data, reasons)
     start, end = (
@@ -242,6 +258,24 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
     }
 
 
+def _alert_view(alert: dict[str, Any]) -> dict[str, Any]:
+    """An Alertmanager alert is no IMM payload: its view holds only what the alert says of itself (its
+    status and times; a firing alert's endsAt is Alertmanager's guess, not an end)."""
+    start = _iso(alert.get("startsAt"))
+    end = _iso(alert.get("endsAt")) if alert.get("status") == "resolved" else None
+    return dict.fromkeys(VIEW_KEYS) | {
+        "outcome": "unknown",
+        "failed": False,
+        "failure_reasons": [],
+        "status": _str(alert.get("status")),
+        "start_time": start.isoformat() if start else None,
+        "end_time": end.isoformat() if end else None,
+        "duration_seconds": (end - start).total_seconds() if start and end else None,
+        "uris": [],
+        "failed_files": [],
+    }
+
+
 # The keys of the view and of its ``moderation`` part (the view always has every one of them).
 VIEW_KEYS = frozenset(build_view({}, {}, "imm:Unknown"))
 MODERATION_KEYS = frozenset(build_view({"Suggestion": "pass"}, {}, "imm:Unknown")["moderation"])
@@ -249,7 +283,11 @@ MODERATION_KEYS = frozenset(build_view({"Suggestion": "pass"}, {}, "imm:Unknown"
 
 def example_payloads(event_type: str) -> dict[str, dict[str, Any]]:
     """Payloads of one event type for checking templates at load: ``full`` (a failure with every field
-    the view reads filled in) and ``minimal`` (only the field that makes it a failure)."""
+    the view reads filled in) and ``minimal`` (only the field that makes it a failure). Alertmanager
+    alerts: ``full`` with the labels, annotations and links Prometheus alerts usually carry, ``minimal``
+    with only what every alert has."""
+    if event_type in ALERTMANAGER_TYPES:
+        return _example_alerts(event_type.split(":", 1)[1])
     common: dict[str, Any] = {
         "ProjectName": "example-project",
         "DatasetName": "example-dataset",
@@ -295,4 +333,36 @@ def example_payloads(event_type: str) -> dict[str, dict[str, Any]]:
         }
         if family in ("FileMeta", "Engine"):
             minimal = {"Success": False}
+    return {"full": full, "minimal": minimal}
+
+
+def _example_alerts(status: str) -> dict[str, dict[str, Any]]:
+    ends = "2026-01-01T00:05:00Z" if status == "resolved" else "0001-01-01T00:00:00Z"
+    labels = {"alertname": "ExampleDown", "severity": "critical", "instance": "example:9100", "job": "node"}
+    annotations = {"summary": "example summary", "description": "example description", "runbook_url": "https://x/"}
+    full = {
+        "status": status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": "2026-01-01T00:00:00Z",
+        "endsAt": ends,
+        "generatorURL": "http://prometheus.example:9090/graph?g0.expr=up+%3D%3D+0",
+        "fingerprint": "0123456789abcdef",
+        "alertmanager": {
+            "receiver": "imm-router",
+            "status": status,
+            "externalURL": "http://alertmanager.example:9093",
+            "groupKey": '{}:{alertname="ExampleDown"}',
+            "groupLabels": {"alertname": "ExampleDown"},
+            "commonLabels": labels,
+            "commonAnnotations": annotations,
+            "truncatedAlerts": 0,
+        },
+    }
+    minimal = full | {
+        "labels": {"alertname": "ExampleDown"},
+        "annotations": {},
+        "generatorURL": "",
+        "alertmanager": ALERT_CONTEXT | {"receiver": "imm-router", "status": status},
+    }
     return {"full": full, "minimal": minimal}

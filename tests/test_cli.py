@@ -35,7 +35,7 @@ def test_check_passes_on_the_shipped_files() -> None:
     result = imm_router("check", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout
-    assert "rules:     6" in result.stdout
+    assert "rules:     7" in result.stdout
 
 
 def test_check_fails_with_an_actionable_message(tmp_path: Path) -> None:
@@ -66,6 +66,7 @@ def test_route_prints_one_json_line_per_notification_for_every_seed() -> None:
         "moderation-review",
         "file-meta-error",
         "submit-failure",
+        "alertmanager-critical",
     }
 
 

@@ -163,6 +163,7 @@ COMMON_ON: dict[str, Any] = {
     "ingest": {
         "mns": {"enabled": True},
         "eventbridge": {"enabled": True, "tokenEnv": "EB_TOKEN", "hmacKeyEnv": "EB_HMAC_KEY"},
+        "alertmanager": {"enabled": True, "tokenEnv": "AM_TOKEN"},
         "ingress": {
             "enabled": True,
             "className": "nginx",
@@ -280,6 +281,7 @@ SECRET_ENV = {
     "API_TOKEN": "api",
     "EB_TOKEN": "ebt",
     "EB_HMAC_KEY": "ebk",
+    "AM_TOKEN": "amt",
 }
 
 
@@ -640,6 +642,7 @@ def test_ingest_exposes_only_its_paths_with_tls_and_secrets_by_reference(chart: 
     assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [
         ("/ingest/mns", "Exact"),
         ("/ingest/eventbridge", "Exact"),
+        ("/ingest/alertmanager", "Exact"),
     ]  # never /metrics or the silences API
     assert {p["backend"]["service"]["port"]["name"] for p in rule["http"]["paths"]} == {"ingest"}
     policy = one(docs, "NetworkPolicy")["spec"]["ingress"]
@@ -650,6 +653,7 @@ def test_ingest_exposes_only_its_paths_with_tls_and_secrets_by_reference(chart: 
     cfg = router_config(docs)["ingest"]
     assert cfg["mns"] == {"enabled": True, "cert_url_prefixes": ["https://mnstest.oss-cn-hangzhou.aliyuncs.com/"]}
     assert cfg["eventbridge"]["token"] == "${EB_TOKEN}" and cfg["eventbridge"]["hmac_key"] == "${EB_HMAC_KEY}"
+    assert cfg["alertmanager"] == {"enabled": True, "token": "${AM_TOKEN}"}
     only_mns = render(chart, merged(DEFAULTS, {"ingest": {"mns": {"enabled": True}, "ingress": {"enabled": True}}}))
     assert [p["path"] for p in one(only_mns, "Ingress")["spec"]["rules"][0]["http"]["paths"]] == ["/ingest/mns"]
 
@@ -660,6 +664,10 @@ def test_ingest_exposes_only_its_paths_with_tls_and_secrets_by_reference(chart: 
         (
             {"ingest": {"eventbridge": {"enabled": True}}},
             "ingest.eventbridge.enabled needs ingest.eventbridge.tokenEnv",
+        ),
+        (
+            {"ingest": {"alertmanager": {"enabled": True}}},
+            "ingest.alertmanager.enabled needs ingest.alertmanager.tokenEnv",
         ),
         ({"ingest": {"ingress": {"enabled": True}}}, "ingest.ingress.enabled needs ingest.mns.enabled"),
     ],
@@ -673,6 +681,7 @@ def test_ingest_mistakes_fail_with_a_clear_message(
         ({"config": {"ingest": {"mns": {"enabled": True}}}}, "ingest"),
         ({"ingest": {"mns": {"certUrlPrefixes": ["http://mnstest.example/"]}}}, "certUrlPrefixes"),
         ({"ingest": {"eventbridge": {"token": "s3cret"}}}, "token"),
+        ({"ingest": {"alertmanager": {"token": "s3cret"}}}, "token"),
     ]:
         with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
             chart.render(merged(DEFAULTS, values), name=RELEASE, namespace=NAMESPACE)

@@ -52,13 +52,18 @@ class Record:
     headers: tuple[tuple[str, bytes], ...]
 
 
+def check_token(token: SecretStr, header: str, headers: Mapping[str, str]) -> None:
+    """``header`` holds ``token`` (a ``Bearer`` prefix allowed), compared in constant time."""
+    sent = headers.get(header, "").removeprefix("Bearer ").strip()
+    if not sent:
+        raise IngestRefused(403, "token", f"{header} header missing")
+    if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+        raise IngestRefused(403, "token", f"wrong token in {header}")
+
+
 def authenticate(settings: EventBridgeIngestSettings, headers: Mapping[str, str], body: bytes) -> None:
     if settings.token is not None:
-        sent = headers.get(settings.token_header, "").removeprefix("Bearer ").strip()
-        if not sent:
-            raise IngestRefused(403, "token", f"{settings.token_header} header missing")
-        if not hmac.compare_digest(sent.encode(), settings.token.get_secret_value().encode()):
-            raise IngestRefused(403, "token", f"wrong token in {settings.token_header}")
+        check_token(settings.token, settings.token_header, headers)
     if settings.hmac_key is not None:
         sent = headers.get(settings.hmac_header, "").strip()
         if not sent:
@@ -78,7 +83,7 @@ def records(headers: Mapping[str, str], body: bytes) -> list[Record]:
     attributes = {k.lower()[3:]: v for k, v in headers.items() if k.lower().startswith("ce-")}
     if attributes and media not in (STRUCTURED, BATCH):
         return [_binary(attributes, headers.get("Content-Type"), body)]
-    doc = _json(body)
+    doc = json_body(body)
     if media == BATCH or (media != STRUCTURED and isinstance(doc, list)):
         if not isinstance(doc, list):
             raise IngestRefused(400, "batch", "a CloudEvents batch is a JSON array of events")
@@ -110,7 +115,7 @@ def _binary(attributes: dict[str, str], content_type: str | None, body: bytes) -
     return Record(attributes["id"].encode(), body, tuple(headers))
 
 
-def _json(body: bytes) -> object:
+def json_body(body: bytes) -> object:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

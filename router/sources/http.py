@@ -1,6 +1,7 @@
-"""Where events come in over HTTP: ``POST /ingest/mns`` (MNS push subscriptions, router.sources.mns) and
-``POST /ingest/eventbridge`` (EventBridge HTTP targets and CloudEvents senders, router.sources.eventbridge),
-on the router's HTTP server.
+"""Where events come in over HTTP: ``POST /ingest/mns`` (MNS push subscriptions, router.sources.mns),
+``POST /ingest/eventbridge`` (EventBridge HTTP targets and CloudEvents senders, router.sources.eventbridge)
+and ``POST /ingest/alertmanager`` (Prometheus Alertmanager's webhook, router.sources.alertmanager), on the
+router's HTTP server.
 
 At least once: an event is answered 2xx only after the source topic has it (``acks=all``); the routing
 stage then takes it like any record, so dead letters, grouping and replay apply. Before anything is
@@ -27,7 +28,8 @@ from router.channels.base import Frozen
 from router.decode import decode
 from router.errors import DecodeError, IngestRefused
 from router.metrics import Metrics
-from router.sources import eventbridge, mns
+from router.sources import alertmanager, eventbridge, mns
+from router.sources.alertmanager import AlertmanagerIngestSettings
 from router.sources.eventbridge import EventBridgeIngestSettings, Record
 from router.sources.mns import MnsIngestSettings
 
@@ -36,13 +38,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("mns", "eventbridge")
+ENDPOINTS = ("mns", "eventbridge", "alertmanager")
 LOG_EVERY_SECONDS = 10.0
 
 
 class IngestSettings(Frozen):
     mns: MnsIngestSettings = MnsIngestSettings()
     eventbridge: EventBridgeIngestSettings = EventBridgeIngestSettings()
+    alertmanager: AlertmanagerIngestSettings = AlertmanagerIngestSettings()
     topic: str | None = Field(default=None, description="the source topic events go to; default kafka.topics[0]")
     max_in_flight: int = Field(default=256, ge=1, description="requests handled at once; beyond, 503")
     produce_timeout_seconds: float = Field(default=5.0, gt=0, description="Kafka slower than this: 503")
@@ -50,14 +53,14 @@ class IngestSettings(Frozen):
 
     @property
     def enabled(self) -> bool:
-        return self.mns.enabled or self.eventbridge.enabled
+        return self.mns.enabled or self.eventbridge.enabled or self.alertmanager.enabled
 
 
 Parser = Callable[[web.Request, bytes, IngestSettings], Awaitable[list[Record]]]
 
 
 class HttpIngest:
-    """The two endpoints. Settings, limits and the producer are looked up per request: a reload may change
+    """The endpoints. Settings, limits and the producer are looked up per request: a reload may change
     tokens or prefixes, and the service connects its producer once Kafka answers (503 until then)."""
 
     def __init__(
@@ -72,7 +75,11 @@ class HttpIngest:
         self._sending: set[asyncio.Future[None]] = set()
 
     def add_routes(self, app: web.Application) -> list[str]:
-        parsers: dict[str, Parser] = {"mns": self._mns, "eventbridge": self._eventbridge}
+        parsers: dict[str, Parser] = {
+            "mns": self._mns,
+            "eventbridge": self._eventbridge,
+            "alertmanager": self._alertmanager,
+        }
         paths = []
         for endpoint in ENDPOINTS:
             path = f"/ingest/{endpoint}"
@@ -124,6 +131,10 @@ class HttpIngest:
     async def _eventbridge(self, request: web.Request, body: bytes, ingest: IngestSettings) -> list[Record]:
         eventbridge.authenticate(ingest.eventbridge, request.headers, body)
         return eventbridge.records(request.headers, body)
+
+    async def _alertmanager(self, request: web.Request, body: bytes, ingest: IngestSettings) -> list[Record]:
+        alertmanager.authenticate(ingest.alertmanager, request.headers)
+        return alertmanager.records(body)
 
     async def _produce(
         self, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]], ingest: IngestSettings

@@ -100,8 +100,11 @@ templates volumes are siblings of it, never mounted inside another ConfigMap vol
 {{- fail "ingest.eventbridge.enabled needs ingest.eventbridge.tokenEnv or hmacKeyEnv (keys of existingSecret): the endpoint never accepts anonymous events." }}
 {{- end }}
 {{- end }}
+{{- if and .Values.ingest.alertmanager.enabled (not .Values.ingest.alertmanager.tokenEnv) }}
+{{- fail "ingest.alertmanager.enabled needs ingest.alertmanager.tokenEnv (a key of existingSecret): the endpoint never accepts anonymous alerts." }}
+{{- end }}
 {{- if and .Values.ingest.ingress.enabled (not (include "imm-router.ingestEnabled" .)) }}
-{{- fail "ingest.ingress.enabled needs ingest.mns.enabled or ingest.eventbridge.enabled: there is nothing to route." }}
+{{- fail "ingest.ingress.enabled needs ingest.mns.enabled, ingest.eventbridge.enabled or ingest.alertmanager.enabled: there is nothing to route." }}
 {{- end }}
 {{- include "imm-router.requireSecret" . }}
 {{- end }}
@@ -140,6 +143,11 @@ router.apiTokenKey; `users` says which values need them.
 {{- range (list .Values.ingest.eventbridge.tokenEnv .Values.ingest.eventbridge.hmacKeyEnv) }}
 {{- if and . (has . $keys) }}
 {{- $users = append $users "ingest.eventbridge" }}
+{{- end }}
+{{- end }}
+{{- with .Values.ingest.alertmanager.tokenEnv }}
+{{- if has . $keys }}
+{{- $users = append $users "ingest.alertmanager" }}
 {{- end }}
 {{- end }}
 {{- range regexFindAll $pattern (toJson (.Values.config | default dict)) -1 }}
@@ -200,7 +208,7 @@ trusts it, except for the API token, which is read from existingSecret by key.
 
 {{/* Non-empty when an ingest endpoint is on. */}}
 {{- define "imm-router.ingestEnabled" -}}
-{{- if or .Values.ingest.mns.enabled .Values.ingest.eventbridge.enabled }}true{{- end }}
+{{- if or .Values.ingest.mns.enabled .Values.ingest.eventbridge.enabled .Values.ingest.alertmanager.enabled }}true{{- end }}
 {{- end }}
 
 {{/* The ingest: section of router.yaml; secrets only as ${VAR} references to existingSecret keys. */}}
@@ -214,7 +222,11 @@ trusts it, except for the API token, which is read from existingSecret by key.
 {{- with $e.hmacKeyEnv }}
 {{- $_ := set $eventbridge "hmac_key" (printf "${%s}" .) }}
 {{- end }}
-{{- toJson (dict "mns" (dict "enabled" $m.enabled "cert_url_prefixes" $m.certUrlPrefixes) "eventbridge" $eventbridge) }}
+{{- $alertmanager := dict "enabled" .Values.ingest.alertmanager.enabled }}
+{{- with .Values.ingest.alertmanager.tokenEnv }}
+{{- $_ := set $alertmanager "token" (printf "${%s}" .) }}
+{{- end }}
+{{- toJson (dict "mns" (dict "enabled" $m.enabled "cert_url_prefixes" $m.certUrlPrefixes) "eventbridge" $eventbridge "alertmanager" $alertmanager) }}
 {{- end }}
 
 {{/* router.yaml: the free-form `config` block with the chart-managed settings merged over it. */}}
