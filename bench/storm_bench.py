@@ -20,10 +20,8 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import signal
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,6 +33,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from router.embedded import start_router
 from router.embedded.broker import TansuBroker
 from router.embedded.dingtalk import DingTalkRequest, FakeDingTalk
 
@@ -137,23 +136,6 @@ async def create_topics(bootstrap: str) -> None:
         )
     finally:
         await admin.close()
-
-
-async def start_router(path: Path, log: Path) -> asyncio.subprocess.Process:
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router",
-            "run",
-            "--config",
-            str(path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ},
-        )
 
 
 def owned(log: Path) -> set[int] | None:

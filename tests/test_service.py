@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -20,6 +19,7 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from router.embedded import start_router
 from router.embedded.broker import TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.smtp import SmtpCapture
@@ -368,21 +368,6 @@ async def test_a_stalled_channel_pauses_fetching_instead_of_growing_memory(
 
 
 # --- router processes -----------------------------------------------------------------------------
-
-
-async def start_router(path: Path, log: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router",
-        "run",
-        "--config",
-        str(path),
-        stdout=log.open("ab"),
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ},
-    )
 
 
 async def alert_ids(bootstrap: str, topic: str, expected: set[str], timeout: float = 60.0) -> list[str]:

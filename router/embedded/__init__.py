@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -115,7 +116,26 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class HttpServer:
+class Served:
+    """``async with`` for a test server: ``start()`` on entry, ``stop()`` on exit."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class HttpServer(Served):
     """Base for the aiohttp capture servers: binds ``host:port`` (port 0: a free one) in the running loop."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -145,11 +165,19 @@ class HttpServer:
         if runner is not None:
             await runner.cleanup()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
+async def start_router(config: Path, log: Path) -> asyncio.subprocess.Process:
+    """``imm-router run --config`` as a child process of this interpreter, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router",
+            "run",
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )

@@ -15,13 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient
 
-from router.embedded import free_port
+from router.embedded import Served, free_port
 
 __all__ = ["MotoS3", "TansuBroker"]
 
@@ -53,7 +51,7 @@ def _pdeathsig_hook() -> Callable[[], None] | None:
 _PRE_EXEC = _pdeathsig_hook()
 
 
-class _Child:
+class _Child(Served):
     """A child process whose output goes to a log file, started and reaped without blocking the loop."""
 
     def __init__(self, name: str, log_path: str | Path | None) -> None:
@@ -102,15 +100,6 @@ class _Child:
     async def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
         await self._reap(grace)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def kill(self) -> None:
         """SIGKILL, no goodbye: simulates a crash."""

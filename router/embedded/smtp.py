@@ -13,12 +13,11 @@ import weakref
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from router.embedded import Recorder, write_atomic
+from router.embedded import Recorder, Served, write_atomic
 
 __all__ = ["ReceivedMessage", "SmtpCapture"]
 
@@ -39,7 +38,7 @@ class ReceivedMessage:
         return str(self.message.get("Subject", ""))
 
 
-class SmtpCapture:
+class SmtpCapture(Served):
     """Captures mail on ``host:port`` (port 0: a free one), in the event loop that calls :meth:`start`.
 
     - ``tls_context``: server context; STARTTLS is offered and required (or, with ``implicit_tls``,
@@ -190,12 +189,3 @@ class SmtpCapture:
             if smtp.transport is not None:
                 smtp.transport.close()
         await server.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
