@@ -457,6 +457,24 @@ async def test_broker_restart_mid_run_resumes_by_itself(tansu_factory, moto_s3, 
     assert {"before", "after"} <= set(ids)
 
 
+async def test_stopping_while_the_broker_is_down_ends_cleanly(tansu_factory, unique_topic, tmp_path: Path) -> None:
+    """SIGTERM (stop) while Kafka is gone: the drain and client shutdown are bounded and run() returns; a
+    client's own CancelledError from a stop that cannot reach the broker must not escape it."""
+    broker: TansuBroker = await tansu_factory()
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = kafka_router(tmp_path, broker.bootstrap_servers, topic, alerts)
+    service = Service(load(path), path)
+    task = asyncio.create_task(service.run())
+    try:
+        await produce(broker.bootstrap_servers, topic, [(failed_task("before"), [])])
+        await alert_ids(broker.bootstrap_servers, alerts, {"before"})
+        await broker.stop()
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 90)
+    assert task.done() and not task.cancelled() and task.exception() is None
+
+
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
     from router.sources.kafka import PartitionTracker
 

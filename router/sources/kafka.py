@@ -330,9 +330,17 @@ def where(record: Any) -> str:
 
 
 async def quietly(awaitable: Awaitable[Any], timeout: float = 10.0) -> None:
-    """Stop a client without letting a hung broker connection hang shutdown."""
-    with contextlib.suppress(Exception):
+    """Stop a client without letting a hung broker connection hang shutdown. aiokafka's consumer ``stop()``
+    raises CancelledError when the broker is gone (it cancels its own fetch task, asleep in a retry): only
+    a cancellation of the caller itself goes on."""
+    try:
         await asyncio.wait_for(awaitable, timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        pass
 
 
 async def read_topic(options: dict[str, Any], topic: str) -> list[Any]:
