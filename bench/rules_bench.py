@@ -29,7 +29,8 @@ from jmespath.exceptions import JMESPathError
 
 from router.decode import Event, decode_object
 from router.engine import load
-from router.rules import JMESPATH_OPTIONS, RuleSet, rule_root, truthy
+from router.expr import truthy
+from router.rules import JMESPATH_OPTIONS, RuleSet, rule_root
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = ROOT / "tests" / "events"

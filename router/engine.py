@@ -20,6 +20,7 @@ from router.channels.registry import channel_types
 from router.config import Settings, load_settings
 from router.decode import Event, Limits, decode_object
 from router.errors import ConfigError, RenderError
+from router.expr import truthy
 from router.imm import KNOWN_EVENT_TYPES, example_payloads
 from router.notification import Notification
 from router.opsfile import line_of, load_yaml
@@ -34,7 +35,6 @@ from router.rules import (
     load_rules,
     rule_root,
     search,
-    truthy,
 )
 
 log = logging.getLogger(__name__)

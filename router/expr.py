@@ -26,7 +26,7 @@ from jmespath.visitor import _Expression
 
 Fn = Callable[[Any], Any]
 
-__all__ = ["Expression", "compile", "compile_tree", "field_chain"]
+__all__ = ["Expression", "comparable", "compile", "compile_tree", "field_chain", "is_number", "truthy"]
 
 
 class _Calls:
@@ -69,25 +69,30 @@ def compile_tree(parsed: dict[str, Any], functions: jp_functions.Functions | Non
 # --- semantics shared by the closures ------------------------------------------------------------
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, Number) and not isinstance(x, bool)
 
 
-def _is_false(x: Any) -> bool:
-    # The interpreter compares with '', [], {}; for JSON values that is "empty str, list or dict".
-    return x is None or x is False or (isinstance(x, str | list | dict) and not x)
+def truthy(value: Any) -> bool:
+    """JMESPath truthiness: false, null, "", [], {} are false; everything else (0 too) is true. (The
+    interpreter compares with '', [], {}; for JSON values that is "empty str, list or dict".)"""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | list | dict):
+        return len(value) > 0
+    return True
 
 
 def _equals(x: Any, y: Any) -> bool:
-    if _is_number(x) and x in (0, 1):
+    if is_number(x) and x in (0, 1):
         return not isinstance(y, bool) and bool(x == y)
-    if _is_number(y) and y in (0, 1):
+    if is_number(y) and y in (0, 1):
         return not isinstance(x, bool) and bool(x == y)
     return bool(x == y)
 
 
-def _comparable(x: Any) -> bool:
-    return isinstance(x, str) or _is_number(x)
+def comparable(x: Any) -> bool:
+    return isinstance(x, str) or is_number(x)
 
 
 _ORDERING: dict[str, Callable[[Any, Any], Any]] = {
@@ -191,7 +196,7 @@ class _Compiler:
 
         def ordering(value: Any) -> Any:
             a, b = left(value), right(value)
-            if not (_comparable(a) and _comparable(b)):
+            if not (comparable(a) and comparable(b)):
                 return None
             return compare(a, b)
 
@@ -203,7 +208,7 @@ class _Compiler:
                 continue
             literal = literal_node["value"]
             # Plain == is the interpreter's equality unless 0/1/true/false are involved.
-            if literal is None or isinstance(literal, str) or (_is_number(literal) and literal not in (0, 1)):
+            if literal is None or isinstance(literal, str) or (is_number(literal) and literal not in (0, 1)):
                 return lambda value: bool(path_fn(value) == literal)
         return lambda value: _equals(left(value), right(value))
 
@@ -212,7 +217,7 @@ class _Compiler:
 
         def both(value: Any) -> Any:
             matched = left(value)
-            if _is_false(matched):
+            if not truthy(matched):
                 return matched
             return right(value)
 
@@ -223,7 +228,7 @@ class _Compiler:
 
         def either(value: Any) -> Any:
             matched = left(value)
-            if _is_false(matched):
+            if not truthy(matched):
                 return right(value)
             return matched
 
@@ -234,7 +239,7 @@ class _Compiler:
 
         def negate(value: Any) -> bool:
             result = child(value)
-            if _is_number(result):
+            if is_number(result):
                 return False  # !0 is false: 0 is not a false value in JMESPath; other numbers are true
             return not result
 
@@ -275,7 +280,7 @@ class _Compiler:
                 return None
             collected = []
             for item in items:
-                if not _is_false(condition(item)):
+                if truthy(condition(item)):
                     current = each(item)
                     if current is not None:
                         collected.append(current)

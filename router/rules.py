@@ -36,7 +36,7 @@ from router.alerting.timing import Duration
 from router.channels.base import Frozen
 from router.decode import Event
 from router.errors import ConfigError
-from router.expr import Expression
+from router.expr import Expression, comparable, is_number, truthy
 from router.imm import ENVELOPE_KEYS, KNOWN_EVENT_TYPES, MODERATION_KEYS, VIEW_KEYS, canonical_type
 from router.opsfile import LineDict, LineList, did_you_mean, load_yaml, validate
 
@@ -111,15 +111,6 @@ class _Functions(functions.Functions):
 
 RULE_FUNCTIONS = _Functions()
 JMESPATH_OPTIONS = Options(custom_functions=RULE_FUNCTIONS)
-
-
-def truthy(value: Any) -> bool:
-    """JMESPath truthiness: false, null, "", [], {} are false; everything else (0 too) is true."""
-    if value is None or value is False:
-        return False
-    if isinstance(value, str | list | dict):
-        return len(value) > 0
-    return True
 
 
 @dataclass(eq=False)
@@ -274,8 +265,8 @@ def _probe_of(c: dict[str, Any]) -> tuple[Kind, dict[str, Any], frozenset[str]] 
                 return "items", base, frozenset()
             return "nonempty", base, frozenset()
         for operand, other, upward in ((left, right, ("gt", "gte")), (right, left, ("lt", "lte"))):
-            if other["type"] == "literal" and _comparable(other["value"]) and _safe(operand):
-                if not _is_number(other["value"]):
+            if other["type"] == "literal" and comparable(other["value"]) and _safe(operand):
+                if not is_number(other["value"]):
                     return "present", operand, frozenset()
                 return ("above" if c["value"] in upward else "below"), operand, frozenset([other["value"]])
         return None
@@ -303,14 +294,6 @@ def rule_probes(node: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[
             nodes[subject] = subject_node
             probes.append(Probe(kind, subject, values))
     return probes
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _comparable(x: Any) -> bool:
-    return isinstance(x, str) or _is_number(x)
 
 
 Getter = Callable[[dict[str, Any]], Any]
@@ -371,7 +354,7 @@ class _Plan:
                 bounds, ranked = table
                 if isinstance(value, str):
                     found.extend(ranked)  # a string against a number raises: let them, to be counted
-                elif _is_number(value):
+                elif is_number(value):
                     if kind == "above":
                         found.extend(ranked[: bisect.bisect_right(bounds, value)])
                     else:

@@ -27,8 +27,9 @@ from router.channels.base import Frozen
 from router.decode import decode, decode_object
 from router.engine import Engine
 from router.errors import ConfigError, DecodeError
+from router.expr import truthy
 from router.opsfile import LineDict, load_yaml, validate
-from router.rules import JMESPATH_OPTIONS, truthy
+from router.rules import JMESPATH_OPTIONS
 
 
 class Expectation(Frozen):

@@ -14,7 +14,8 @@ from jmespath.exceptions import JMESPathError
 from router.decode import decode_object
 from router.engine import Engine, load
 from router.errors import ConfigError
-from router.rules import JMESPATH_OPTIONS, rule_root, truthy
+from router.expr import truthy
+from router.rules import JMESPATH_OPTIONS, rule_root
 
 CONFIG = """\
 rules_dir: rules

@@ -28,7 +28,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from router.alerting.topics import TopicFollower, TopicSpec, ensure_topics
 from router.errors import ConfigError, RouterError
-from router.rules import compile_expression, search, truthy
+from router.expr import truthy
+from router.rules import compile_expression, search
 
 log = logging.getLogger(__name__)
 
