@@ -26,6 +26,7 @@ from router.embedded.smtp import SmtpCapture
 from router.embedded.webhook import WebhookCapture
 from router.engine import load
 from router.service import Service
+from router.sources.kafka import PartitionTracker
 from tests.conftest import EVENTS, ROOT
 
 
@@ -476,8 +477,6 @@ async def test_stopping_while_the_broker_is_down_ends_cleanly(tansu_factory, uni
 
 
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
-    from router.sources.kafka import PartitionTracker
-
     tracker = PartitionTracker()
     for offset in range(10, 15):
         tracker.start(offset)
@@ -489,6 +488,45 @@ def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> N
     tracker.settle(14)
     tracker.settle(13)
     assert tracker.next_commit == 15 and tracker.in_flight == 0
+
+
+async def test_a_commit_still_in_flight_when_its_partition_is_revoked_ends_cleanly() -> None:
+    """The broker-outage case from CI: the shutdown commit waits on the broker, a rebalance revokes the
+    partition meanwhile, and the commit then returns for a partition the stage no longer tracks."""
+    from router.metrics import Metrics
+    from router.sources.kafka import Bounds, ConsumerStage
+
+    class SlowCommits:  # stands in for aiokafka's consumer: the first commit is held until released
+        def __init__(self) -> None:
+            self.commits: list[dict[TopicPartition, int]] = []
+            self.started = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            self.commits.append(dict(offsets))
+            self.started.set()
+            if len(self.commits) == 1:
+                await self.release.wait()
+
+        def highwater(self, tp: TopicPartition) -> None:
+            return None
+
+    async def handler(tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
+        settle()
+
+    consumer = SlowCommits()
+    stage = ConsumerStage("test", consumer, Bounds(10, 10, 5.0, 100, 1.0), Metrics(), handler)  # type: ignore[arg-type]
+    tp = TopicPartition("events", 0)
+    tracker = stage.trackers.setdefault(tp, PartitionTracker())
+    tracker.start(7)
+    tracker.settle(7)
+    shutdown = asyncio.create_task(stage.commit(force=True))
+    await consumer.started.wait()
+    await stage.revoked({tp})
+    assert tp not in stage.trackers
+    consumer.release.set()
+    await shutdown
+    assert consumer.commits == [{tp: 8}, {tp: 8}] and tracker.committed == 8
 
 
 async def test_replay_hands_a_dead_lettered_alert_to_the_running_router(

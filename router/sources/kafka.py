@@ -212,20 +212,22 @@ class ConsumerStage:
     async def commit(self, *, force: bool = False, only: Iterable[TopicPartition] | None = None) -> None:
         self._last_commit = time.monotonic()
         wanted = set(only) if only is not None else set(self.trackers)
-        offsets = {
-            tp: t.next_commit
+        # The trackers are held here, not looked up again: a rebalance during the await may drop them.
+        due = {
+            tp: (t, t.next_commit)
             for tp, t in self.trackers.items()
             if tp in wanted and t.next_commit is not None and t.next_commit != t.committed
         }
-        if not offsets:
+        if not due:
             return
+        offsets = {tp: offset for tp, (_, offset) in due.items()}
         try:
             await asyncio.wait_for(self.consumer.commit(offsets), timeout=10.0 if not force else 5.0)
         except (CommitFailedError, KafkaError, TimeoutError) as exc:
             log.warning("%s: offset commit failed (%s); will retry", self.name, type(exc).__name__)
             return
-        for tp, offset in offsets.items():
-            self.trackers[tp].committed = offset
+        for tp, (tracker, offset) in due.items():
+            tracker.committed = offset
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - offset))
