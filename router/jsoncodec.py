@@ -15,15 +15,21 @@ from typing import Any
 
 import orjson
 
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# A regex for 19 digits tries a match at every digit (70 µs on a 4 KB record full of base64); mapping
+# every digit to "0" and searching for nineteen of them is two passes in C.
+_ZEROED = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN = b"0" * 19
 _LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
 
 
 def loads(raw: bytes | str) -> Any:
     """Parse JSON (orjson's rules: no NaN, valid UTF-8); raises orjson.JSONDecodeError."""
     value = orjson.loads(raw)
-    long_digits = _LONG_DIGITS.search(raw) if isinstance(raw, bytes) else _LONG_DIGITS_TEXT.search(raw)
-    if long_digits is None:
+    if isinstance(raw, bytes):
+        long_digits = _NINETEEN in raw.translate(_ZEROED)
+    else:
+        long_digits = _LONG_DIGITS_TEXT.search(raw) is not None
+    if not long_digits:
         return value
     return json.loads(raw)  # orjson has checked it is valid: only the integers differ
 

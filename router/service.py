@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,17 @@ from router.engine import Engine, RouteResult, load
 from router.errors import ConfigError, DecodeError
 from router.metrics import Metrics
 from router.ops import OpsServer, Watcher, secret_values, setup_logging
-from router.sources.kafka import MAX_BACKOFF, Bounds, ConsumerStage, DeadLetters, Handler, produce, quietly, where
+from router.sources.kafka import (
+    MAX_BACKOFF,
+    Bounds,
+    ConsumerStage,
+    DeadLetters,
+    Handler,
+    produce,
+    produce_all,
+    quietly,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,18 @@ class Changelog:
                             log.warning("%s: skipping a changelog entry that is not JSON", where(r))
                             continue
                         entries[tp.partition].append((r.key.decode(errors="replace"), value))
+
+
+@dataclass(slots=True)
+class Routed:
+    """What routing made of one source record: records to produce, and what to do here at once."""
+
+    record: Any
+    sends: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
+    handoffs: int = 0
+    inhibits: list[str] = field(default_factory=list)  # inhibiting-source keys
+    dead_letters: list[tuple[str, dict[str, str | None]]] = field(default_factory=list)  # (reason, extra)
+    seen: float = field(default_factory=time.time)
 
 
 class Service:
@@ -137,6 +160,11 @@ class Service:
         return self.routing.committed if self.routing is not None else 0
 
     @property
+    def settled(self) -> int:
+        """Source records routed and handed off, committed or not yet (commits go out every so often)."""
+        return self.routing.settled if self.routing is not None else 0
+
+    @property
     def peak_in_flight(self) -> int:
         return max((s.peak_in_flight for s in self._stages()), default=0)
 
@@ -175,9 +203,7 @@ class Service:
                 self._reader = reader
                 # Both groups join at once: each join takes a while (session timeout / 2 on some brokers).
                 self.routing, self.notify = await asyncio.gather(
-                    self._start_stage(
-                        "route", list(kafka.topics), kafka.group_id, self._route_record, options, started
-                    ),
+                    self._start_stage("route", list(kafka.topics), kafka.group_id, None, options, started),
                     self._start_stage(
                         "notify",
                         [kafka.notifications_topic],
@@ -248,10 +274,11 @@ class Service:
         name: str,
         topics: list[str],
         group_id: str,
-        handler: Handler,
+        handler: Handler | None,
         options: dict[str, Any],
         started: list[Any],
     ) -> ConsumerStage:
+        """The notify stage takes one handoff at a time (``handler``); routing takes whole fetches."""
         kafka, service = self.engine.settings.kafka, self.engine.settings.service
         consumer = AIOKafkaConsumer(
             group_id=group_id,
@@ -278,6 +305,7 @@ class Service:
             bounds,
             self.metrics,
             handler,
+            batch_handler=None if notify else self._route_batch,
             on_assigned=self._assigned if notify else None,
             on_revoked=self._revoked if notify else None,
             on_paused=lambda: self.metrics.paused.set(int(any(s.paused for s in self._stages()))),
@@ -310,48 +338,63 @@ class Service:
         self._router_thread.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
-    # --- routing stage: one source record ---------------------------------------------------------
+    # --- routing stage: the records of one fetch ----------------------------------------------------
 
-    async def _route_record(self, tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
-        self.metrics.in_flight.inc()
+    async def _route_batch(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Decode, route and render a fetched batch in one hop to the routing thread, then hand every
+        notification off and wait for the broker once for them all; the stage settles the records after."""
+        engine = self.engine  # a reload swaps self.engine; the batch keeps the one it started with
+        self.metrics.in_flight.inc(len(records))
         try:
-            await self._route(tp, record)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-            log.exception("unexpected error routing %s/%d@%d", tp.topic, tp.partition, record.offset)
-            await self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
+            loop = asyncio.get_running_loop()
+            routed = await loop.run_in_executor(self._router_thread, self._route_all, engine, records)
+            assert self.producer is not None
+            messages: list[tuple[str, bytes, bytes]] = []
+            for r in routed:
+                for reason, extra in r.dead_letters:
+                    await self._dead_letter(r.record, reason, **extra)
+                for key in r.inhibits:
+                    self.inhibitions.add(key, r.seen)  # here at once; other replicas within a fetch
+                messages += r.sends
+            await produce_all(self.producer, messages)
+            self.metrics.handoffs.inc(sum(r.handoffs for r in routed))
         finally:
-            self.metrics.in_flight.dec()
-        settle()
+            self.metrics.in_flight.dec(len(records))
 
-    async def _route(self, tp: TopicPartition, record: Any) -> None:
-        engine = self.engine  # a reload swaps self.engine; this record keeps the one it started with
-        source = f"{tp.topic}/{tp.partition}@{record.offset}"
+    def _route_all(self, engine: Engine, records: list[Any]) -> list[Routed]:
+        """In the routing thread: what each record makes. Nothing here waits on the broker."""
+        routed = []
+        for record in records:
+            try:
+                routed.append(self._route_one(engine, record))
+            except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                log.exception("unexpected error routing %s", where(record))
+                routed.append(Routed(record, dead_letters=[(f"internal error: {type(exc).__name__}: {exc}", {})]))
+        return routed
+
+    def _route_one(self, engine: Engine, record: Any) -> Routed:
         try:
-            event = decode(record.value, record.headers or (), limits=engine.limits, source=source)
+            event = decode(record.value, record.headers or (), limits=engine.limits, source=where(record))
         except DecodeError as exc:
             self.metrics.decode_failures.inc()
             log.warning("dead-lettering undecodable record: %s", exc)
-            await self._dead_letter(record, f"decode: {exc.reason}")
-            return
+            return Routed(record, dead_letters=[(f"decode: {exc.reason}", {})])
         self.metrics.records.labels(str(event.wire_format)).inc()
-        result = await asyncio.get_running_loop().run_in_executor(self._router_thread, engine.route, event)
+        result = engine.route(event)
+        routed = Routed(record)
         for rule in {n.rule for n in result.notifications}:
             self.metrics.rule_matches.labels(rule).inc()
         for failure in result.failures:
             self.metrics.render_failures.labels(failure.channel).inc()
-            await self._dead_letter(
-                record, f"render: {failure.reason}", rule=failure.rule, channel=failure.channel, event_id=event.id
-            )
+            extra: dict[str, str | None] = {"rule": failure.rule, "channel": failure.channel, "event_id": event.id}
+            routed.dead_letters.append((f"render: {failure.reason}", extra))
         if result.notifications or result.matched:
-            await self._hand_off(engine, record, result)
+            self._hand_off(engine, result, routed)
+        return routed
 
-    async def _hand_off(self, engine: Engine, record: Any, result: RouteResult) -> None:
-        """Produce the notifications to their owners, and the inhibiting sources to every replica."""
-        assert self.producer is not None
-        kafka = engine.settings.kafka
-        seen = time.time()
+    def _hand_off(self, engine: Engine, result: RouteResult, routed: Routed) -> None:
+        """The records for the notifications' owners, and the inhibiting sources for every replica."""
+        kafka, record = engine.settings.kafka, routed.record
         source = SourceRecord(
             record.topic,
             record.partition,
@@ -361,31 +404,18 @@ class Service:
             tuple(record.headers or ()),
             record.timestamp,
         )
-        sends = [
-            produce(
-                self.producer,
-                kafka.notifications_topic,
-                key=n.channel.encode(),
-                value=Handoff(n, result.root, seen, source).encode(),
-            )
-            for n in result.notifications
-        ]
+        for n in result.notifications:
+            value = Handoff(n, result.root, routed.seen, source).encode()
+            routed.sends.append((kafka.notifications_topic, n.channel.encode(), value))
+        routed.handoffs = len(result.notifications)
         event_id = result.notifications[0].event_id if result.notifications else source.where
         for rule in result.matched:
             for index in engine.inhibit_sources.get(rule, ()):
                 inhibit = engine.settings.inhibit_rules[index]
                 key = InhibitionLog.key(rule, inhibit.equal, engine.values(inhibit.equal, result.root))
-                self.inhibitions.add(key, seen)  # here at once; other replicas within a fetch
-                sends.append(
-                    produce(
-                        self.producer,
-                        kafka.inhibitions_topic,
-                        key=key.encode(),
-                        value=InhibitionLog.record(key, seen, event_id),
-                    )
-                )
-        await asyncio.gather(*sends)
-        self.metrics.handoffs.inc(len(result.notifications))
+                routed.inhibits.append(key)
+                value = InhibitionLog.record(key, routed.seen, event_id)
+                routed.sends.append((kafka.inhibitions_topic, key.encode(), value))
 
     # --- notify stage: one handoff ----------------------------------------------------------------
 

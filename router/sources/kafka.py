@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ def dead_letter_headers(
 
 # (partition, record, settle): the stage calls ``settle()`` once the record is done with, maybe later.
 Handler = Callable[[TopicPartition, Any, Callable[[], None]], Awaitable[None]]
+# (partition, records of one fetch, in offset order): every record is settled once the call returns.
+BatchHandler = Callable[[TopicPartition, list[Any]], Awaitable[None]]
 RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
 AssignHook = Callable[[set[TopicPartition]], Awaitable[None]]
 
@@ -97,8 +99,9 @@ class ConsumerStage:
         consumer: AIOKafkaConsumer,
         bounds: Bounds,
         metrics: Metrics,
-        handler: Handler,
+        handler: Handler | None = None,
         *,
+        batch_handler: BatchHandler | None = None,
         on_assigned: AssignHook | None = None,
         on_revoked: RevokeHook | None = None,
         on_paused: Callable[[], None] = lambda: None,
@@ -107,7 +110,9 @@ class ConsumerStage:
         self.consumer = consumer
         self.bounds = bounds
         self.metrics = metrics
+        assert (handler is None) != (batch_handler is None), "one handler: per record or per fetched batch"
         self.handler = handler
+        self.batch_handler = batch_handler
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
         self.on_paused = on_paused  # told when ``paused`` changes
@@ -126,6 +131,11 @@ class ConsumerStage:
     def committed(self) -> int:
         """Committed offsets summed over the owned partitions: records settled for good."""
         return sum(t.committed or 0 for t in self.trackers.values())
+
+    @property
+    def settled(self) -> int:
+        """Records settled over the owned partitions, committed or due in the next commit."""
+        return sum(t.next_commit or 0 for t in self.trackers.values())
 
     @property
     def in_flight(self) -> int:
@@ -147,14 +157,34 @@ class ConsumerStage:
                 tracker = self.trackers.setdefault(tp, PartitionTracker())
                 for record in records:
                     tracker.start(record.offset)
-                    task = asyncio.create_task(self._process(tp, tracker, record))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                if self.batch_handler is not None:
+                    self._spawn(self._process_batch(tp, tracker, records))
+                else:
+                    for record in records:
+                        self._spawn(self._process(tp, tracker, record))
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             self._backpressure()
             await self._maybe_commit()
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _process_batch(self, tp: TopicPartition, tracker: PartitionTracker, records: list[Any]) -> None:
+        assert self.batch_handler is not None
+        tracker.busy += 1
+        try:
+            await self.batch_handler(tp, records)
+            for record in records:
+                tracker.settle(record.offset)
+            self._since_commit += len(records)
+        finally:
+            tracker.busy -= 1
+            self._progress.set()
+
     async def _process(self, tp: TopicPartition, tracker: PartitionTracker, record: Any) -> None:
+        assert self.handler is not None
         done = False
 
         def settle() -> None:
@@ -325,6 +355,26 @@ async def produce(
             log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+async def produce_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, bytes | None, bytes | None]]) -> None:
+    """Produce many records and wait for the broker once: they batch together, in order per partition.
+    Any that fails is produced again by ``produce`` (with its retries) until it succeeds."""
+    messages = list(messages)
+    queued: list[asyncio.Future[Any] | None] = []
+    for topic, key, value in messages:
+        try:
+            queued.append(await producer.send(topic, value=value, key=key))
+        except KafkaError:  # e.g. no metadata yet for the topic: left to produce's retries below
+            queued.append(None)
+    outcomes = await asyncio.gather(*(f for f in queued if f is not None), return_exceptions=True)
+    results = iter(outcomes)
+    for (topic, key, value), future in zip(messages, queued, strict=True):
+        outcome = next(results) if future is not None else None
+        if future is None or isinstance(outcome, KafkaError):
+            await produce(producer, topic, key=key, value=value)
+        elif isinstance(outcome, BaseException):
+            raise outcome
 
 
 def where(record: Any) -> str:
