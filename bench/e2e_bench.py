@@ -2,12 +2,15 @@
 delivering to Kafka channels, beside a raw baseline in the same run (aiokafka getmany + JSON decode, no
 routing), reported as a ratio.
 
-Phase 1 (throughput): the baseline consumes N events (the seed mix, unique ids) produced up front; the
-router, warmed up (its consumer groups joined), gets the same N produced as fast as the producer goes,
-and is timed until every notification is delivered. Phase 2 (latency): events are produced at half the
-measured router rate; latency is the source record's timestamp → the notification record's timestamp.
+Phase 1 (throughput): the baseline consumes N events (unique ids) produced up front; the router drains
+the same N produced up front (a backlog, as after an outage), timed until every notification is
+delivered. Phase 2 (latency): events are produced at half the measured router rate; latency is the
+source record's timestamp → the notification record's timestamp.
 
-Run: python bench/e2e_bench.py [--events N]
+Two mixes: the seed examples in turn (about a third of events alert), and one like production: 95%
+events that alert no rule, spread over every type, 5% failures and blocks.
+
+Run: python bench/e2e_bench.py [--events N] [--mix seed|production]
 """
 
 from __future__ import annotations
@@ -35,28 +38,40 @@ from router.sources.kafka import read_topic
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def seed_values(n: int) -> list[tuple[bytes, list[tuple[str, bytes]]]]:
+Values = list[tuple[bytes, list[tuple[str, bytes]]]]
+
+
+def seed_values(n: int, mix: str = "seed") -> Values:
+    """``n`` records of the seed examples with unique ids. ``seed``: every example in turn (about a third
+    alert); ``production``: 95% drawn from the examples that alert no rule, 5% from those that do."""
     seeds = [(value, headers) for _, value, headers in demo_records()[:-1]]
+    if mix == "production":
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = load(bench_config(Path(tmp), "127.0.0.1:9", "classify"))
+        alerting = [s for s in seeds if engine.route(decode(*s)).notifications]
+        quiet = [s for s in seeds if s not in alerting]
+        seeds = [alerting[i % len(alerting)] if i % 20 == 0 else quiet[i % len(quiet)] for i in range(20 * len(quiet))]
     out = []
     for i in range(n):
         value, headers = seeds[i % len(seeds)]
-        # Unique ids, so duplicate suppression does not hide work.
+        # Unique ids, so duplicate suppression does not hide work (and no two deliveries wait on each other).
         suffix = f"-{i}".encode()
         headers = [(k, v + suffix if k == "ce_id" else v) for k, v in headers]
-        if not headers and value.lstrip().startswith(b"{"):
-            obj = json.loads(value)
+        if not headers:
+            wrapped = not value.lstrip().startswith(b"{")  # a whole record in base64, as MNS publishers do
+            obj = json.loads(base64.b64decode(value) if wrapped else value)
             if "id" in obj:
                 obj["id"] = f"{obj['id']}-{i}"
             else:
                 obj["RequestId"] = f"req-{i}"
             value = json.dumps(obj, ensure_ascii=False).encode()
+            if wrapped:
+                value = base64.b64encode(value)
         out.append((value, headers))
     return out
 
 
-async def produce(
-    bootstrap: str, topic: str, values: list[tuple[bytes, list[tuple[str, bytes]]]], rate: float | None = None
-) -> None:
+async def produce(bootstrap: str, topic: str, values: Values, rate: float | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
@@ -135,23 +150,29 @@ def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
     return path
 
 
-async def run_router(bootstrap: str, topic: str, n: int, rate: float | None) -> tuple[float, list[float]]:
+async def run_router(bootstrap: str, topic: str, values: Values, rate: float | None) -> tuple[float, int, list[float]]:
+    """(events/s, notifications delivered, latencies in ms) for the router on ``values``.
+
+    ``rate`` None: a backlog, as after an outage: every record is in the topic before the router starts,
+    as for the raw baseline; the clock starts once the first records are routed (the routing group has
+    joined; the notify group's join, if later, counts against the router) and the records routed by then
+    are not counted. Otherwise the router is warmed up on the first record (both groups joined), then the
+    rest are produced at ``rate``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = bench_config(Path(tmp), bootstrap, topic)
         service = Service(load(path), path)
+        if rate is None:
+            await produce(bootstrap, topic, values)
+        else:
+            await produce(bootstrap, topic, values[:1])
         task = asyncio.create_task(service.run())
-        values = seed_values(n + 1)
-        # Warm up: the topics exist and the router owns its partitions (both consumer groups joined, state
-        # read) before the clock starts; then the backlog arrives all at once (rate None) or at ``rate``.
-        await produce(bootstrap, topic, values[:1])
-        while service.settled < 1 or not service.idle:
-            await asyncio.sleep(0.01)
-        done = 1
-        start = time.perf_counter()
-        producing = asyncio.create_task(produce(bootstrap, topic, values[1:], rate))
+        while service.settled < 1 or (rate is not None and not service.idle):
+            await asyncio.sleep(0.001)
+        start, before = time.perf_counter(), service.settled
+        producing = asyncio.create_task(produce(bootstrap, topic, values[1:], rate) if rate else asyncio.sleep(0))
         # Done when every record is routed and every notification it made is delivered (offsets are
         # committed within commit_interval_seconds after: bookkeeping, not work).
-        while service.settled < n + done or not service.idle:
+        while not delivered(service, len(values)):
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
         await producing
@@ -164,7 +185,14 @@ async def run_router(bootstrap: str, topic: str, n: int, rate: float | None) -> 
         event_id = dict(record.headers).get("imm-event-id", b"").decode()
         if event_id in source_times:
             latencies.append(record.timestamp - source_times[event_id])
-    return n / elapsed, latencies
+    return (len(values) - before) / elapsed, len(out), latencies
+
+
+def delivered(service: Service, records: int) -> bool:
+    """Every record routed, and every notification handed off by then delivered by the notify stage."""
+    handed_off = service.metrics.handoffs._value.get()
+    notify = service.notify.settled if service.notify is not None else 0
+    return service.settled >= records and notify >= handed_off and service.idle
 
 
 async def _source_times(bootstrap: str, topic: str) -> dict[str, int]:
@@ -179,26 +207,31 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [0.0])[0]
 
 
-async def main(n: int) -> None:
+async def main(n: int, mixes: list[str]) -> None:
+    print(f"events: {n} per mix; seed examples: {len(demo_records()) - 1}, every wire format")
     async with TansuBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        await produce(bootstrap, "raw", seed_values(n))
-        raw = await raw_baseline(bootstrap, "raw", n)
-        router_rate, _ = await run_router(bootstrap, "thru", n, None)
-        half = router_rate / 2
-        _, latencies = await run_router(bootstrap, "lat", min(n, int(half * 10)), half)
-    print(f"events: {n} (seed mix: {sum(1 for _ in demo_records()) - 1} examples, every wire format)")
-    print(f"raw baseline (getmany + JSON decode): {raw:10,.0f} ev/s")
-    print(f"router, shipped rules → Kafka:        {router_rate:10,.0f} ev/s   ratio {router_rate / raw:.2f}x")
-    print(
-        f"latency at {half:,.0f} ev/s (half the router rate), {len(latencies)} notifications: "
-        f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
-        f"max {max(latencies or [0]):.1f} ms"
-    )
+        for mix in mixes:
+            values = seed_values(n + 1, mix)
+            await produce(bootstrap, f"raw-{mix}", values[1:])
+            raw = await raw_baseline(bootstrap, f"raw-{mix}", n)
+            rate, alerts, _ = await run_router(bootstrap, f"thru-{mix}", values, None)
+            half = rate / 2
+            latency_values = values[: min(n, int(half * 10)) + 1]
+            _, _, latencies = await run_router(bootstrap, f"lat-{mix}", latency_values, half)
+            print(f"[{mix} mix] {alerts / n:.0%} of events alert")
+            print(f"  raw baseline (getmany + JSON decode): {raw:10,.0f} ev/s")
+            print(f"  router, shipped rules → Kafka:        {rate:10,.0f} ev/s   ratio {rate / raw:.2f}x")
+            print(
+                f"  latency at {half:,.0f} ev/s (half the router rate), {len(latencies)} notifications: "
+                f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
+                f"max {max(latencies or [0]):.1f} ms"
+            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--mix", choices=["seed", "production"], action="append", help="default: both")
     args = parser.parse_args()
-    asyncio.run(main(args.events))
+    asyncio.run(main(args.events, args.mix or ["seed", "production"]))

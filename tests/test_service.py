@@ -26,7 +26,7 @@ from router.embedded.smtp import SmtpCapture
 from router.embedded.webhook import WebhookCapture
 from router.engine import load
 from router.service import Service
-from router.sources.kafka import PartitionTracker
+from router.sources.kafka import PartitionTracker, read_topic
 from tests.conftest import EVENTS, ROOT
 
 
@@ -474,6 +474,21 @@ async def test_stopping_while_the_broker_is_down_ends_cleanly(tansu_factory, uni
         service.stop()
         await asyncio.wait_for(task, 90)
     assert task.done() and not task.cancelled() and task.exception() is None
+
+
+async def test_read_topic_returns_every_record_of_a_last_batch_of_many(tansu: TansuBroker, unique_topic) -> None:
+    """Tansu reports a partition's end as one past the first record of its last batch (until the next
+    produce): reading up to that end must still return the whole batch."""
+    topic = unique_topic("batch")
+    producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap_servers, linger_ms=50)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, f"v{i}".encode(), partition=0) for i in range(10)]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    records = await read_topic({"bootstrap_servers": tansu.bootstrap_servers}, topic)
+    assert [r.value for r in records] == [f"v{i}".encode() for i in range(10)]
 
 
 def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> None:
