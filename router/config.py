@@ -112,6 +112,12 @@ class ServiceSettings(Frozen):
     dedup_max_entries: int = Field(default=200_000, ge=1)
     reload_poll_seconds: float = Field(default=2.0, gt=0, description="how often files are checked for changes")
     health_interval_seconds: float = Field(default=30.0, gt=0, description="channel health checks for /readyz")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="router processes in this pod (one per core it is given), see router.workers",
+    )
 
 
 class HttpSettings(Frozen):

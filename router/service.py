@@ -575,16 +575,25 @@ def install_signals(service: Service, on_reload: Callable[[], object] | None = N
     loop.add_signal_handler(signal.SIGHUP, on_reload or service.reload)
 
 
-async def run_service(config_path: Path) -> int:
+async def run_service(config_path: Path, *, worker: tuple[int, Callable[[int], None]] | None = None) -> int:
+    """The router, or with ``service.workers`` > 1 the supervisor of that many. ``worker``: this process is
+    worker ``index`` of a supervisor, and serves its ops endpoints on a local port it reports."""
     engine = load(config_path)
     redactor = setup_logging(engine.settings)
+    if worker is None and engine.settings.service.workers > 1:
+        from router.workers import Supervisor
+
+        return await Supervisor(engine, config_path).run()
     service = Service(engine, config_path)
     service.on_reload.append(lambda e: redactor.use(secret_values(e.settings)))
     install_signals(service)
     http = engine.settings.http
-    ops = OpsServer(service, http.host, http.port) if http.enabled else None
-    if ops is not None:
+    ops = None
+    if http.enabled:
+        ops = OpsServer(service, "127.0.0.1", 0) if worker is not None else OpsServer(service, http.host, http.port)
         await ops.start()
+        if worker is not None:
+            worker[1](ops.port)
     watcher = asyncio.create_task(Watcher(service, engine.settings.service.reload_poll_seconds).run())
     try:
         await service.run()
