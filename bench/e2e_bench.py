@@ -10,7 +10,10 @@ source record's timestamp → the notification record's timestamp.
 Two mixes: the seed examples in turn (about a third of events alert), and one like production: 95%
 events that alert no rule, spread over every type, 5% failures and blocks.
 
-Run: python bench/e2e_bench.py [--events N] [--mix seed|production]
+With ``--workers N``: the backlog again, drained by ``imm-router run`` (a child process) with 1 and with
+N ``service.workers``, each timed from the routing group's first commit to the last alert.
+
+Run: python bench/e2e_bench.py [--events N] [--mix seed|production] [--workers N]
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import argparse
 import asyncio
 import base64
 import json
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from router.decode import decode
 from router.embedded.broker import TansuBroker
@@ -114,7 +120,7 @@ async def raw_baseline(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
-def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
+def bench_config(directory: Path, bootstrap: str, topic: str, workers: int = 1) -> Path:
     # The shipped rules, each notifying one Kafka channel with the shipped Kafka template.
     rules = directory / "rules"
     rules.mkdir()
@@ -142,7 +148,14 @@ def bench_config(directory: Path, bootstrap: str, topic: str) -> Path:
                     "session_timeout_ms": 1000,
                     "heartbeat_interval_ms": 200,
                 },
-                "service": {"max_in_flight": 5000, "max_in_flight_per_partition": 2000, "dedup_ttl_seconds": 0},
+                "service": {
+                    "max_in_flight": 5000,
+                    "max_in_flight_per_partition": 2000,
+                    "dedup_ttl_seconds": 0,
+                    "workers": workers,
+                    # Workers are timed from their group's first commit (see run_workers).
+                    "commit_interval_seconds": 0.05 if workers > 1 else 1.0,
+                },
                 "http": {"enabled": False},
             }
         )
@@ -188,6 +201,41 @@ async def run_router(bootstrap: str, topic: str, values: Values, rate: float | N
     return (len(values) - before) / elapsed, len(out), latencies
 
 
+async def run_workers(bootstrap: str, topic: str, values: Values, workers: int) -> float:
+    """Events/s of ``imm-router run`` with ``service.workers`` processes draining ``values`` as a backlog,
+    timed from the routing group's first commit to the last alert (counted on the alerts topic)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as scratch:
+            engine = load(bench_config(Path(scratch), bootstrap, topic))
+        expected = sum(len(engine.route(decode(value, headers)).notifications) for value, headers in values)
+        path = bench_config(Path(tmp), bootstrap, topic, workers)
+        await produce(bootstrap, topic, values)
+        # Only reads the router group's commits (never joins it).
+        group = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{topic}-router", enable_auto_commit=False)
+        alerts = AIOKafkaConsumer(f"{topic}-alerts-topic", bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+        await group.start()
+        await alerts.start()
+        partitions = [TopicPartition(topic, p) for p in sorted(group.partitions_for_topic(topic) or ())]
+        router = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "run", "--config", str(path), stderr=asyncio.subprocess.DEVNULL, cwd=ROOT
+        )
+        try:
+            before = 0
+            while before == 0:
+                before = sum([await group.committed(tp) or 0 for tp in partitions])
+                await asyncio.sleep(0.01)
+            start, seen = time.perf_counter(), 0
+            while seen < expected:
+                seen += sum(len(b) for b in (await alerts.getmany(timeout_ms=100)).values())
+            elapsed = time.perf_counter() - start
+        finally:
+            router.send_signal(signal.SIGTERM)
+            await router.wait()
+            await alerts.stop()
+            await group.stop()
+    return (len(values) - before) / elapsed
+
+
 def delivered(service: Service, records: int) -> bool:
     """Every record routed, and every notification handed off by then delivered by the notify stage."""
     handed_off = service.metrics.handoffs._value.get()
@@ -207,12 +255,14 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [0.0])[0]
 
 
-async def main(n: int, mixes: list[str]) -> None:
+async def main(n: int, mixes: list[str], workers: int) -> None:
     print(f"events: {n} per mix; seed examples: {len(demo_records()) - 1}, every wire format")
     async with TansuBroker() as broker:
         bootstrap = broker.bootstrap_servers
         for mix in mixes:
             values = seed_values(n + 1, mix)
+            for name in ("raw", "thru", "lat", "one", "many"):  # as many partitions as workers may use
+                await ensure_topic(bootstrap, f"{name}-{mix}", max(4, workers))
             await produce(bootstrap, f"raw-{mix}", values[1:])
             raw = await raw_baseline(bootstrap, f"raw-{mix}", n)
             rate, alerts, _ = await run_router(bootstrap, f"thru-{mix}", values, None)
@@ -227,11 +277,28 @@ async def main(n: int, mixes: list[str]) -> None:
                 f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
                 f"max {max(latencies or [0]):.1f} ms"
             )
+            if workers > 1:
+                one = await run_workers(bootstrap, f"one-{mix}", values, 1)
+                many = await run_workers(bootstrap, f"many-{mix}", values, workers)
+                print(
+                    f"  imm-router run, 1 worker: {one:10,.0f} ev/s ({one / raw:.2f}x raw); "
+                    f"{workers} workers: {many:10,.0f} ev/s ({many / raw:.2f}x raw, {many / one:.2f}x one)"
+                )
+
+
+async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--mix", choices=["seed", "production"], action="append", help="default: both")
+    parser.add_argument("--workers", type=int, default=1, help="also time `imm-router run` with 1 and N workers")
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.mix or ["seed", "production"]))
+    asyncio.run(main(args.events, args.mix or ["seed", "production"], args.workers))

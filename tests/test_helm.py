@@ -986,3 +986,13 @@ def test_mounted_config_passes_router_check(chart: helm_python.Chart, variant: s
         check=False,
     )
     assert proc.returncode == 0, f"imm-router check failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_workers_go_into_the_config_and_need_a_cpu_each(chart: helm_python.Chart) -> None:
+    assert router_config(render(chart, DEFAULTS))["service"]["workers"] == 1
+    two = merged(DEFAULTS, {"router": {"workers": 2}, "resources": {"requests": {"cpu": "2"}}})
+    assert router_config(render(chart, two))["service"]["workers"] == 2
+    assert router_config(render(chart, merged(two, {"resources": {"requests": {"cpu": "2500m"}}})))
+    message = "router.workers is 2: request a CPU per worker process (resources.requests.cpu: 2 or more; it is 1500m)"
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        chart.render(merged(two, {"resources": {"requests": {"cpu": "1500m"}}}), name=RELEASE, namespace=NAMESPACE)

@@ -66,6 +66,12 @@ templates volumes are siblings of it, never mounted inside another ConfigMap vol
 
 {{/* Fail early on combinations that cannot work. */}}
 {{- define "imm-router.validate" -}}
+{{- $workers := int .Values.router.workers }}
+{{- $cpu := toString (dig "requests" "cpu" "0" .Values.resources) }}
+{{- $millicpu := ternary (trimSuffix "m" $cpu | float64) (mulf ($cpu | float64) 1000) (hasSuffix "m" $cpu) }}
+{{- if and (gt $workers 1) (lt $millicpu (mulf $workers 1000)) }}
+{{- fail (printf "router.workers is %d: request a CPU per worker process (resources.requests.cpu: %d or more; it is %s), or the workers share fewer cores than they are meant to use." $workers $workers $cpu) }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: KEDA manages its own HorizontalPodAutoscaler. Enable only one of them." }}
 {{- end }}
@@ -237,7 +243,7 @@ trusts it, except for the API token, which is read from existingSecret by key.
   "timezone" .Values.router.timezone
   "log_level" .Values.router.logLevel
   "http" (dict "host" "0.0.0.0" "port" (int .Values.router.httpPort))
-  "service" (dict "drain_timeout_seconds" (int .Values.router.drainTimeoutSeconds))
+  "service" (dict "drain_timeout_seconds" (int .Values.router.drainTimeoutSeconds) "workers" (int .Values.router.workers))
   "channels" (.Values.channels | default dict)
   "kafka" (include "imm-router.kafkaConfig" . | fromJson)
 }}
