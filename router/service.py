@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -146,6 +147,7 @@ class Service:
         try:
             if await self._connect():
                 assert self.routing is not None and self.notify is not None
+                settle_heap()
                 await asyncio.gather(self.routing.run(self.stopping), self.notify.run(self.stopping))
         finally:
             health.cancel()
@@ -552,9 +554,19 @@ class Service:
             self.manager.swap_engine(engine)
         for callback in self.on_reload:
             callback(engine)
+        settle_heap()
         self.metrics.reloads.labels("ok").inc()
         log.info("reloaded %s: %d rules", self.config_path, len(engine.rules.rules))
         return True
+
+
+def settle_heap() -> None:
+    """Move what lives as long as the config (compiled rules and templates, clients, modules) out of the
+    collector's sight: a full collection then scans only what events made, a few ms instead of ~100 ms
+    of stalled event loop. Run again after a reload, so the old config's cycles can still be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def router_topics(kafka: KafkaSettings) -> dict[str, TopicSpec]:
