@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint bench check-example chart-files clean
+.PHONY: install run test lint bench soak check-example chart-files clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/rules_bench.py
-	$(BIN)/python bench/e2e_bench.py
+	$(BIN)/python bench/e2e_bench.py --workers 2
+
+soak: install
+	$(BIN)/python bench/soak.py
 
 # The chart bundles a copy of the shipped rules and templates; tests check they are in sync.
 chart-files:
