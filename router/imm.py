@@ -131,13 +131,15 @@ def _iso(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def failure_reasons(data: dict[str, Any]) -> list[str]:
-    """Why a payload counts as failed; empty when it does not."""
+def failure_reasons(data: dict[str, Any], bad_files: int, bad_targets: int) -> list[str]:
+    """Why a payload counts as failed; empty when it does not. ``bad_files`` / ``bad_targets``: how many
+    of its Files have an Error and of its Targets a Code other than "" or "200"."""
     reasons = []
     status, state = _str(data.get("Status")), _str(data.get("State"))
     if status and status.lower() in FAILED:
         reasons.append(f"Status={status}")
-    if data.get("Success") is False or (isinstance(data.get("Success"), str) and data["Success"].lower() == "false"):
+    success = data.get("Success")
+    if success is False or (isinstance(success, str) and success.lower() == "false"):
         reasons.append("Success=false")
     if _bad_code(data.get("Code")):
         reasons.append(f"Code={data['Code']}")
@@ -150,10 +152,8 @@ def failure_reasons(data: dict[str, Any]) -> list[str]:
         failures = statistic.get("SubmitFailure")
         if isinstance(failures, int | float) and not isinstance(failures, bool) and failures > 0:
             reasons.append(f"SubmitFailure={failures}")
-    bad_files = sum(1 for f in _dicts(data.get("Files")) if _str(f.get("Error")))
     if bad_files:
         reasons.append(f"{bad_files} file error(s)")
-    bad_targets = sum(1 for t in _dicts(data.get("Targets")) if _bad_code(t.get("Code")))
     if bad_targets:
         reasons.append(f"{bad_targets} target error(s)")
     return reasons
@@ -170,9 +170,10 @@ def outcome(data: dict[str, Any], reasons: list[str]) -> str:
     return "unknown"
 
 
-def _error(data: dict[str, Any]) -> tuple[str | None, str | None]:
-    files = [f for f in _dicts(data.get("Files")) if _str(f.get("Error"))]
-    targets = [t for t in _dicts(data.get("Targets")) if _bad_code(t.get("Code"))]
+def _error(
+    data: dict[str, Any], files: list[dict[str, Any]], targets: list[dict[str, Any]]
+) -> tuple[str | None, str | None]:
+    """The error code and message of a failed payload; ``files`` / ``targets``: those that failed."""
     code = _str(data.get("Code")) if _bad_code(data.get("Code")) else None
     if code is None and targets:
         code = _str(targets[0].get("Code"))
@@ -180,9 +181,10 @@ def _error(data: dict[str, Any]) -> tuple[str | None, str | None]:
         error = str(files[0]["Error"])
         match = _FILE_ERROR_CODE.match(error)
         code = match.group(1) if match else (error if " " not in error else None)
-    message = (
-        _str(data.get("Message")) if (_str(data.get("Message")) or "").lower() not in SUCCEEDED else None
-    ) or _str(data.get("Error"))
+    message = _str(data.get("Message"))
+    if message is not None and message.lower() in SUCCEEDED:
+        message = None
+    message = message or _str(data.get("Error"))
     if message is None and files:
         message = _str(files[0].get("Error"))
     if message is None and targets:
@@ -190,17 +192,21 @@ def _error(data: dict[str, Any]) -> tuple[str | None, str | None]:
     return code, message
 
 
-def _uris(data: dict[str, Any]) -> list[str]:
+def _uris(data: dict[str, Any], files: list[dict[str, Any]], targets: list[dict[str, Any]]) -> list[str]:
     found = [data.get("URI")]
-    for key in ("Files", "Sources", "Targets"):
-        found.extend(item.get("URI") for item in _dicts(data.get(key)))
+    for items in (files, _dicts(data.get("Sources")), targets):
+        found.extend(item.get("URI") for item in items)
     return list(dict.fromkeys(u for u in found if isinstance(u, str) and u))
 
 
 def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> dict[str, Any]:
     if event_type in ALERTMANAGER_TYPES:
         return _alert_view(data)
-    reasons = failure_reasons(data)
+    # Files and Targets are read by several keys: listed once.
+    files, targets = _dicts(data.get("Files")), _dicts(data.get("Targets"))
+    bad_files = [f for f in files if _str(f.get("Error"))]
+    bad_targets = [t for t in targets if _bad_code(t.get("Code"))]
+    reasons = failure_reasons(data, len(bad_files), len(bad_targets))
     result = outcome(data, reasons)
     start, end = (
         _iso(data.get("StartTime") or data.get("CreateTime")),
@@ -212,7 +218,7 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         if task_type_raw
         else (event_type.split(":")[-1] if event_type.startswith("imm:Task:") else None)
     )
-    code, message = _error(data) if reasons else (None, None)
+    code, message = _error(data, bad_files, bad_targets) if reasons else (None, None)
     suggestion = _str(data.get("Suggestion"))
     frames = data.get("Frames")
     moderation = None
@@ -224,7 +230,7 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
             else [],
             "block_frames": _dicts(frames.get("BlockFrames")) if isinstance(frames, dict) else [],
         }
-    uris = _uris(data)
+    uris = _uris(data, files, targets)
     region = _str(envelope.get("aliyunregionid"))
     if region is None:
         match = _REGION.match(_str(envelope.get("subject")) or "")
@@ -246,11 +252,7 @@ def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) 
         "uris": uris,
         "error_code": code,
         "error_message": message,
-        "failed_files": [
-            {"uri": _str(f.get("URI")), "error": _str(f.get("Error"))}
-            for f in _dicts(data.get("Files"))
-            if _str(f.get("Error"))
-        ],
+        "failed_files": [{"uri": _str(f.get("URI")), "error": _str(f.get("Error"))} for f in bad_files],
         "moderation": moderation,
         "user_data": _str(data.get("UserData")),
         "event_source_id": _str(data.get("EventSourceId")),

@@ -1,6 +1,7 @@
 """Where events come in from Kafka: one consumer group's loop, shared by the routing stage (source topics)
-and the notify stage (the notifications topic) — fetch, hand each record to the stage, commit the settled
-prefix, at least once — plus producing with retries, reading a topic, and the dead-letter topic.
+and the notify stage (the notifications topic) — fetch, hand the stage each fetched batch (routing: one
+call per partition's batch) or each record (notify: each settles on its own, maybe much later), commit the
+settled prefix, at least once — plus producing with retries, reading a topic, and the dead-letter topic.
 
 A record's offset is committed only once the stage settles it; per partition the commit point is the
 lowest offset still unsettled, so records finishing out of order never skip one. Commits go out in
