@@ -110,7 +110,9 @@ def compact(value: Any, items: int = 20, chars: int = 2000) -> Any:
     """``value`` with every list cut to its first ``items`` and every string to ``chars`` characters: an
     alert that carries it stays small whatever the event holds (a 1 MB event is not a 1 MB alert)."""
     if isinstance(value, str):
-        return clip(value, chars)
+        return value if len(value) <= chars else clip(value, chars)
+    if isinstance(value, dict):  # before the Mapping test, which is slow for the common case
+        return {key: compact(item, items, chars) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [compact(item, items, chars) for item in value[:items]]
     if isinstance(value, Mapping):
