@@ -431,6 +431,11 @@ def _each(get_item: Getter, collect: Collect, every: list[Rule]) -> Collect:
             return
         hits: list[Rule] = []
         for item in value:
+            if item is None:
+                # Probes are read off conditions for a document that is not null; on null, the haystack of
+                # contains(['a', 'b'], x) is null too, and contains raises.
+                found.extend(every)
+                return
             try:
                 collect(get_item(item), hits)
             except EVAL_ERRORS:
