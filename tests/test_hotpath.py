@@ -30,8 +30,8 @@ def route_all(engine: Engine, events: list[Event]) -> Counter[str]:
     targets, and render one group message per target and one digest per channel; what was done, counted."""
     done: Counter[str] = Counter()
     alerts: dict[str, list[Any]] = {}
-    for event in events:
-        result = engine.route(event)
+    for seed in events:
+        result = engine.route(seed)
         done["notifications"] += len(result.notifications)
         for notification in result.notifications:
             alerts.setdefault(notification.channel, []).append(notification)
