@@ -21,7 +21,7 @@ import logging
 import operator
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -350,42 +350,55 @@ def _equal(table: dict[str, list[Rule]]) -> Collect:
     return collect
 
 
+class _Literals:
+    """Which of many literals (none empty) start a string at a place, found by one regular expression
+    rather than a test per literal: the alternation, longest first, stops at the longest literal there,
+    and the others there are its prefixes."""
+
+    def __init__(self, literals: Iterable[str]) -> None:
+        ordered = sorted(literals, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, ordered)))
+        known = set(ordered)
+        self.prefixes = {lit: [lit[:n] for n in range(1, len(lit) + 1) if lit[:n] in known] for lit in ordered}
+
+    def at_start(self, value: str) -> list[str]:
+        match = self.pattern.match(value)
+        return self.prefixes[match.group()] if match else []
+
+    def within(self, value: str) -> set[str]:
+        found: set[str] = set()
+        match = self.pattern.search(value)
+        while match is not None:
+            found.update(self.prefixes[match.group()])
+            match = self.pattern.search(value, match.start() + 1)
+        return found
+
+
 def _prefixed(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
-    lengths = sorted({len(v) for v in table})
+    literals = _Literals(table)
 
     def collect(value: Any, found: list[Rule]) -> None:
         if not isinstance(value, str):
             found.extend(every)  # starts_with raises on it (glob is false on null: evaluated, no harm)
             return
-        for n in lengths:
-            if n > len(value):
-                break
-            if hit := table.get(value[:n]):
-                found.extend(hit)
+        for literal in literals.at_start(value):
+            found.extend(table[literal])
 
     return collect
 
 
 def _containing(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
-    lengths = sorted({len(v) for v in table})
-
-    def substrings(value: str) -> Any:
-        # Many literals against a short string: look its windows of the literals' lengths up, rather
-        # than search the string for each literal.
-        if len(value) * len(lengths) < len(table):
-            windows = {value[i : i + n] for n in lengths for i in range(len(value) - n + 1)}
-            return windows & table.keys()
-        return [literal for literal in table if literal in value]
+    literals = _Literals(table)
 
     def collect(value: Any, found: list[Rule]) -> None:
         if isinstance(value, str):
-            literals = substrings(value)
+            present: Iterable[str] = literals.within(value)
         elif isinstance(value, list):
-            literals = {v for v in value if isinstance(v, str)} & table.keys()
+            present = {v for v in value if isinstance(v, str)} & table.keys()
         else:
             found.extend(every)  # contains raises on it
             return
-        for literal in literals:
+        for literal in present:
             found.extend(table[literal])
 
     return collect

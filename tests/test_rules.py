@@ -131,6 +131,7 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
         lambda: f"starts_with(ProjectName, '{p()}')",
         lambda: f"imm.outcome == 'failed' && starts_with(imm.project || '', '{p()}')",
         lambda: f"contains(Message, '{p()}')",
+        lambda: f"contains(Message, '{rnd.choice(['ab', 'bc', 'abc', 'cd', 'b'])}')",  # overlapping, nested
         lambda: f"Status == 'Failed' && contains(Tags, '{p()}')",
         lambda: "length(Files[?Error == 'X']) > `0`",
         lambda: "length(Files) >= `1` && Status == 'Failed'",
@@ -176,7 +177,9 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
             "Code": rnd.choice(["", "X", "200", None, ["X"]]),
             "Suggestion": rnd.choice(["block", "pass"]),
             "Statistic": {"SubmitFailure": rnd.choice([0, 2, "3", None])},
-            "Message": rnd.choice([None, "", f"failed in {p()} now", p(), f"{p()}{p()}", [p(), "x"], 7]),
+            "Message": rnd.choice(
+                [None, "", f"failed in {p()} now", p(), f"{p()}{p()}", "abcd", "xbcab", [p(), "x"], 7]
+            ),
             "Tags": rnd.choice([None, [], [p(), p(), 1], "p1", {"a": 1}]),
             "Files": rnd.choice(
                 [
