@@ -350,49 +350,50 @@ def _equal(table: dict[str, list[Rule]]) -> Collect:
     return collect
 
 
-class _Literals:
-    """Which of many literals (none empty) start a string at a place, found by one regular expression
-    rather than a test per literal: the alternation, longest first, stops at the longest literal there,
-    and the others there are its prefixes."""
-
-    def __init__(self, literals: Iterable[str]) -> None:
-        ordered = sorted(literals, key=len, reverse=True)
-        self.pattern = re.compile("|".join(map(re.escape, ordered)))
-        known = set(ordered)
-        self.prefixes = {lit: [lit[:n] for n in range(1, len(lit) + 1) if lit[:n] in known] for lit in ordered}
-
-    def at_start(self, value: str) -> list[str]:
-        match = self.pattern.match(value)
-        return self.prefixes[match.group()] if match else []
-
-    def within(self, value: str) -> set[str]:
-        found: set[str] = set()
-        match = self.pattern.search(value)
-        while match is not None:
-            found.update(self.prefixes[match.group()])
-            match = self.pattern.search(value, match.start() + 1)
-        return found
-
-
 def _prefixed(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
-    literals = _Literals(table)
+    # A lookup per distinct literal length: few, however many literals (one regular expression over them
+    # would try each literal that shares the value's start, and rule prefixes mostly share theirs).
+    lengths = sorted({len(v) for v in table})
 
     def collect(value: Any, found: list[Rule]) -> None:
         if not isinstance(value, str):
             found.extend(every)  # starts_with raises on it (glob is false on null: evaluated, no harm)
             return
-        for literal in literals.at_start(value):
-            found.extend(table[literal])
+        for n in lengths:
+            if n > len(value):
+                break
+            if hit := table.get(value[:n]):
+                found.extend(hit)
 
     return collect
 
 
+class _Substrings:
+    """Which of many literals (none empty) occur in a string, found by one regular expression rather than
+    a search per literal: most strings contain none, which it tells at C speed. The alternation, longest
+    first, stops at the longest literal starting at a place; the others there are its prefixes."""
+
+    def __init__(self, literals: Iterable[str]) -> None:
+        ordered = sorted(literals, key=len, reverse=True)
+        self.search = re.compile("|".join(map(re.escape, ordered))).search
+        known = set(ordered)
+        self.prefixes = {lit: [lit[:n] for n in range(1, len(lit) + 1) if lit[:n] in known] for lit in ordered}
+
+    def of(self, value: str) -> set[str]:
+        found: set[str] = set()
+        match = self.search(value)
+        while match is not None:
+            found.update(self.prefixes[match.group()])
+            match = self.search(value, match.start() + 1)
+        return found
+
+
 def _containing(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
-    literals = _Literals(table)
+    substrings = _Substrings(table)
 
     def collect(value: Any, found: list[Rule]) -> None:
         if isinstance(value, str):
-            present: Iterable[str] = literals.within(value)
+            present = substrings.of(value)
         elif isinstance(value, list):
             present = {v for v in value if isinstance(v, str)} & table.keys()
         else:
