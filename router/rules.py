@@ -370,12 +370,21 @@ def _prefixed(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
 
 class _Substrings:
     """Which of many literals (none empty) occur in a string, found by one regular expression rather than
-    a search per literal: most strings contain none, which it tells at C speed. The alternation, longest
-    first, stops at the longest literal starting at a place; the others there are its prefixes."""
+    a search per literal: most strings contain none, which it tells at C speed. The expression matches,
+    at a place, the longest literal there; the others there are its prefixes."""
 
     def __init__(self, literals: Iterable[str]) -> None:
         ordered = sorted(literals, key=len, reverse=True)
-        self.search = re.compile("|".join(map(re.escape, ordered))).search
+        trie: dict[str, Any] = {}
+        for literal in ordered:
+            node = trie
+            for char in literal:
+                node = node.setdefault(char, {})
+            node[""] = {}  # a literal ends here
+        pattern = _trie_pattern(trie, room=50)
+        if pattern is None:  # too deeply nested for re's parser (literals such as a, aa, aaa, ...)
+            pattern = "|".join(map(re.escape, ordered))  # longest first: the alternation takes the first
+        self.search = re.compile(pattern).search
         known = set(ordered)
         self.prefixes = {lit: [lit[:n] for n in range(1, len(lit) + 1) if lit[:n] in known] for lit in ordered}
 
@@ -386,6 +395,30 @@ class _Substrings:
             found.update(self.prefixes[match.group()])
             match = self.search(value, match.start() + 1)
         return found
+
+
+def _trie_pattern(node: dict[str, Any], room: int) -> str | None:
+    """A trie of literals as a regular expression: at each place, matching tries only the branch for the
+    next character (an alternation of the literals would try every literal), and an optional tail is
+    greedy, so the longest literal wins. None if it would nest more than ``room`` levels."""
+    if room < 0:
+        return None
+    branches = []
+    for char, child in node.items():
+        if not char:
+            continue
+        run = char
+        while len(child) == 1 and "" not in child:  # a chain without choices: one run of characters
+            (char, child), *_ = child.items()
+            run += char
+        tail = _trie_pattern(child, room - 1)
+        if tail is None:
+            return None
+        branches.append(re.escape(run) + tail)
+    if not branches:
+        return ""
+    body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+    return f"(?:{body})?" if "" in node else body
 
 
 def _containing(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:

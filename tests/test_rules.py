@@ -15,7 +15,7 @@ from router.decode import decode_object
 from router.engine import Engine, load
 from router.errors import ConfigError
 from router.expr import truthy
-from router.rules import JMESPATH_OPTIONS, rule_root
+from router.rules import JMESPATH_OPTIONS, _Substrings, rule_root
 
 CONFIG = """\
 rules_dir: rules
@@ -223,6 +223,22 @@ def test_filter_rules_meet_only_the_events_whose_elements_can_match(tmp_path: Pa
     ev = event({"Files": [{"Error": "code-07"}, {"Error": 3}]})
     assert engine.rules.match(ev, rule_root(ev)) == []
     assert sum(r.errors for r in engine.rules.rules) == 50
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "abc", "a", "x.*(é"])
+def test_substring_tables_find_exactly_the_literals_a_string_contains(alphabet: str) -> None:
+    """The one regular expression over a contains table finds every literal in a string: overlapping,
+    nested, sharing starts, with characters re treats specially, and nested too deep for a trie."""
+    rnd = random.Random(alphabet)
+    word = lambda n: "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, n)))  # noqa: E731
+    for _ in range(400):
+        literals = {word(5) for _ in range(rnd.randint(1, 12))}
+        substrings = _Substrings(literals)
+        for _ in range(5):
+            value = word(14) + rnd.choice(["", "q", "qq" + word(4)])
+            assert substrings.of(value) == {lit for lit in literals if lit in value}, (literals, value)
+    deep = _Substrings(["a" * n for n in range(1, 80)])
+    assert deep.of("xaaay") == {"a", "aa", "aaa"}
 
 
 def test_custom_functions(tmp_path: Path) -> None:
