@@ -3,10 +3,12 @@ rules that can match it.
 
 Two indexes, both built at load:
 - by event type: exact types and shell globs are resolved once per distinct type seen, then cached;
-- by equality: a ``when`` that implies ``path == 'literal'`` (alone, under ``&&``, as an ``||`` of
-  such tests on one path, or ``contains([...], path)``) is filed under that path and literal. An
-  event evaluates each indexed path once and looks the value up, so 1,000 per-project rules cost
-  about what 10 do. Rules with no such test are evaluated for every event of their types.
+- by probe: a ``when`` that implies ``path == 'literal'`` (alone, under ``&&``, as an ``||`` of
+  such tests on one path, or ``contains([...], path)``) is filed under that path and literal; other
+  implied tests (prefixes, substrings, ranges, a filter's condition on each element: see "index"
+  below) are filed likewise. An event evaluates each indexed path once and looks the value up, so
+  1,000 rules cost about what 100 do. Rules with no such test are evaluated for every event of their
+  types.
 """
 
 from __future__ import annotations
