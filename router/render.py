@@ -310,6 +310,10 @@ class TemplateSet:
     def _env(self, *, autoescape: bool) -> ImmutableSandboxedEnvironment:
         env = _BudgetedSandbox(
             loader=FileSystemLoader(str(self.dir)),
+            # {% include %} and {% import %} take the templates compiled (and checked) at load, however many:
+            # no compile while routing, and an edited file waits for the next reload of the whole set.
+            auto_reload=False,
+            cache_size=-1,
             undefined=StrictUndefined,
             autoescape=autoescape,
             trim_blocks=True,

@@ -3,10 +3,12 @@ rules that can match it.
 
 Two indexes, both built at load:
 - by event type: exact types and shell globs are resolved once per distinct type seen, then cached;
-- by equality: a ``when`` that implies ``path == 'literal'`` (alone, under ``&&``, as an ``||`` of
-  such tests on one path, or ``contains([...], path)``) is filed under that path and literal. An
-  event evaluates each indexed path once and looks the value up, so 1,000 per-project rules cost
-  about what 10 do. Rules with no such test are evaluated for every event of their types.
+- by probe: a ``when`` that implies ``path == 'literal'`` (alone, under ``&&``, as an ``||`` of
+  such tests on one path, or ``contains([...], path)``) is filed under that path and literal; other
+  implied tests (prefixes, substrings, ranges, a filter's condition on each element: see "index"
+  below) are filed likewise. An event evaluates each indexed path once and looks the value up, so
+  1,000 rules cost about what 100 do. Rules with no such test are evaluated for every event of their
+  types.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import fnmatch
 import itertools
 import json
 import logging
+import operator
 import re
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +151,8 @@ class Rule:
 #   below      subject < n, subject <= n
 #   present    subject < 'literal' (any ordering) or glob('*pattern', subject): subject is not null
 #              (glob('abc*', subject) is a prefix probe)
+# and per element: length(list[?cond]) > n can hold only if cond holds of (or raises on) some element of
+# list, so each probe of cond is also a probe of the rule, read on every element (a probe ``within`` list).
 
 EVAL_ERRORS = (JMESPathError, TypeError, ValueError, RecursionError)
 
@@ -170,6 +175,7 @@ class Probe:
     kind: Kind
     subject: str  # canonical form of the subject's tree: rules sharing a subject share its evaluation
     values: frozenset[Any] = frozenset()  # the literals (eq, prefix, contains) or the bound (above, below)
+    within: str | None = None  # a list's subject: the probe holds of one of its elements (see _length_probes)
 
 
 def _safe(node: dict[str, Any]) -> bool:
@@ -242,76 +248,254 @@ def _length_base(node: dict[str, Any]) -> dict[str, Any] | None:
     return base
 
 
-def _probe_of(c: dict[str, Any]) -> tuple[Kind, dict[str, Any], frozenset[str]] | None:
-    """The probe one conjunct gives besides equality, if any."""
+def _probe(kind: Kind, node: dict[str, Any], values: frozenset[Any], nodes: dict[str, dict[str, Any]]) -> list[Probe]:
+    subject = _subject(node)
+    if subject is None:
+        return []
+    nodes[subject] = node
+    return [Probe(kind, subject, values)]
+
+
+def _probes_of(c: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[Probe]:
+    """The probes one conjunct gives besides equality."""
     kind, children = c["type"], c.get("children", [])
     if kind == "function_expression" and len(children) == 2:
         name = c["value"]
         literal = _string_literal(children[1])
         if name in _LITERAL_PROBES and literal:  # '' is a prefix and a substring of every string
-            return _LITERAL_PROBES[name], children[0], frozenset([literal])
+            return _probe(_LITERAL_PROBES[name], children[0], frozenset([literal]), nodes)
         pattern = _string_literal(children[0])
         if name == "glob" and pattern is not None:
             prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-            return ("prefix", children[1], frozenset([prefix])) if prefix else ("present", children[1], frozenset())
-        return None
+            if prefix:
+                return _probe("prefix", children[1], frozenset([prefix]), nodes)
+            return _probe("present", children[1], frozenset(), nodes)
+        return []
     if kind == "comparator" and c["value"] in ("lt", "gt", "lte", "gte"):
         left, right = children
         base = _length_base(c)
         if base is not None:
-            if base["type"] in ("projection", "filter_projection", "flatten"):
-                while base["type"] in ("projection", "filter_projection", "flatten"):
-                    base = base["children"][0]
-                return "items", base, frozenset()
-            return "nonempty", base, frozenset()
+            return _length_probes(base, nodes)
         for operand, other, upward in ((left, right, ("gt", "gte")), (right, left, ("lt", "lte"))):
             if other["type"] == "literal" and comparable(other["value"]) and _safe(operand):
                 if not is_number(other["value"]):
-                    return "present", operand, frozenset()
-                return ("above" if c["value"] in upward else "below"), operand, frozenset([other["value"]])
-        return None
+                    return _probe("present", operand, frozenset(), nodes)
+                bound = frozenset([other["value"]])
+                return _probe("above" if c["value"] in upward else "below", operand, bound, nodes)
+        return []
     if _safe(c) and kind not in ("literal", "comparator"):
-        return "truthy", c, frozenset()
-    return None
+        return _probe("truthy", c, frozenset(), nodes)
+    return []
+
+
+def _length_probes(base: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[Probe]:
+    """Probes of ``length(base) > n``: base is not empty; and for a filter ``items[?cond]``, the probes of
+    cond read on each element of items (the filter is empty, without an error, unless some element
+    passes or raises)."""
+    if base["type"] not in ("projection", "filter_projection", "flatten"):
+        return _probe("nonempty", base, frozenset(), nodes)
+    each: list[Probe] = []
+    if base["type"] == "filter_projection":
+        items, _, condition = base["children"]
+        within = _subject(items)
+        if within is not None:
+            nodes[within] = items
+            # One level: a filter inside the condition is not probed per element of its elements.
+            each = [replace(p, within=within) for p in rule_probes(condition, nodes) if p.within is None]
+    while base["type"] in ("projection", "filter_projection", "flatten"):
+        base = base["children"][0]
+    return [*each, *_probe("items", base, frozenset(), nodes)]
 
 
 def rule_probes(node: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> list[Probe]:
     """Every probe ``node`` implies (collecting each subject's tree in ``nodes``): from its top-level
     conjuncts in order, up to and including the first that could raise."""
-    found: list[tuple[Kind, dict[str, Any], frozenset[str]]] = []
+    found: list[Probe] = []
     for c in _conjuncts(node):
         eq = implied_values(c, nodes)
-        found.extend(("eq", nodes[subject], values) for subject, values in eq.items())
-        other = None if eq else _probe_of(c)
-        if other is not None:
-            found.append(other)
+        found.extend(Probe("eq", subject, values) for subject, values in eq.items())
+        if not eq:
+            found.extend(_probes_of(c, nodes))
         if not _safe(c):
             break
-    probes = []
-    for kind, subject_node, values in found:
-        subject = _subject(subject_node)
-        if subject is not None:
-            nodes[subject] = subject_node
-            probes.append(Probe(kind, subject, values))
-    return probes
+    return found
 
 
-Getter = Callable[[dict[str, Any]], Any]
+Getter = Callable[[Any], Any]
+# Adds to ``found`` the rules of one table whose probe holds of a subject's value, and those whose condition
+# would raise on it (they are evaluated, so the error is counted as plain evaluation counts it).
+Collect = Callable[[Any, list[Rule]], None]
 
 
-def _table(kind: Kind, entries: list[tuple[Probe, Rule]]) -> Any:
+def _collector(kind: Kind, entries: list[tuple[Probe, Rule]], every: list[Rule]) -> Collect:
     if kind in ("above", "below"):
-        ranked = sorted(((next(iter(probe.values)), rule) for probe, rule in entries), key=lambda e: e[0])
-        return [bound for bound, _ in ranked], [rule for _, rule in ranked]
+        return _bounded(kind, entries, every)
     if kind not in ("eq", "prefix", "contains"):
-        return [rule for _, rule in entries]
+        return _gate(kind, every)
     by_value: dict[str, list[Rule]] = defaultdict(list)
     for probe, rule in entries:
         for value in probe.values:
             by_value[value].append(rule)
+    table = dict(by_value)
+    if kind == "eq":
+        return _equal(table)
     if kind == "prefix":
-        return sorted({len(v) for v in by_value}), dict(by_value)
-    return dict(by_value)
+        return _prefixed(table, every)
+    return _containing(table, every)
+
+
+def _equal(table: dict[str, list[Rule]]) -> Collect:
+    def collect(value: Any, found: list[Rule]) -> None:
+        if isinstance(value, str) and (hit := table.get(value)):
+            found.extend(hit)
+
+    return collect
+
+
+def _prefixed(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
+    # A lookup per distinct literal length: few, however many literals (one regular expression over them
+    # would try each literal that shares the value's start, and rule prefixes mostly share theirs).
+    lengths = sorted({len(v) for v in table})
+
+    def collect(value: Any, found: list[Rule]) -> None:
+        if not isinstance(value, str):
+            found.extend(every)  # starts_with raises on it (glob is false on null: evaluated, no harm)
+            return
+        for n in lengths:
+            if n > len(value):
+                break
+            if hit := table.get(value[:n]):
+                found.extend(hit)
+
+    return collect
+
+
+class _Substrings:
+    """Which of many literals (none empty) occur in a string, found by one regular expression rather than
+    a search per literal: most strings contain none, which it tells at C speed. The expression matches,
+    at a place, the longest literal there; the others there are its prefixes."""
+
+    def __init__(self, literals: Iterable[str]) -> None:
+        ordered = sorted(literals, key=len, reverse=True)
+        trie: dict[str, Any] = {}
+        for literal in ordered:
+            node = trie
+            for char in literal:
+                node = node.setdefault(char, {})
+            node[""] = {}  # a literal ends here
+        pattern = _trie_pattern(trie, room=50)
+        if pattern is None:  # too deeply nested for re's parser (literals such as a, aa, aaa, ...)
+            pattern = "|".join(map(re.escape, ordered))  # longest first: the alternation takes the first
+        self.search = re.compile(pattern).search
+        known = set(ordered)
+        self.prefixes = {lit: [lit[:n] for n in range(1, len(lit) + 1) if lit[:n] in known] for lit in ordered}
+
+    def of(self, value: str) -> set[str]:
+        found: set[str] = set()
+        match = self.search(value)
+        while match is not None:
+            found.update(self.prefixes[match.group()])
+            match = self.search(value, match.start() + 1)
+        return found
+
+
+def _trie_pattern(node: dict[str, Any], room: int) -> str | None:
+    """A trie of literals as a regular expression: at each place, matching tries only the branch for the
+    next character (an alternation of the literals would try every literal), and an optional tail is
+    greedy, so the longest literal wins. None if it would nest more than ``room`` levels."""
+    if room < 0:
+        return None
+    branches = []
+    for char, child in node.items():
+        if not char:
+            continue
+        run = char
+        while len(child) == 1 and "" not in child:  # a chain without choices: one run of characters
+            (char, child), *_ = child.items()
+            run += char
+        tail = _trie_pattern(child, room - 1)
+        if tail is None:
+            return None
+        branches.append(re.escape(run) + tail)
+    if not branches:
+        return ""
+    body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+    return f"(?:{body})?" if "" in node else body
+
+
+def _containing(table: dict[str, list[Rule]], every: list[Rule]) -> Collect:
+    substrings = _Substrings(table)
+
+    def collect(value: Any, found: list[Rule]) -> None:
+        if isinstance(value, str):
+            present = substrings.of(value)
+        elif isinstance(value, list):
+            present = {v for v in value if isinstance(v, str)} & table.keys()
+        else:
+            found.extend(every)  # contains raises on it
+            return
+        for literal in present:
+            found.extend(table[literal])
+
+    return collect
+
+
+def _bounded(kind: Kind, entries: list[tuple[Probe, Rule]], every: list[Rule]) -> Collect:
+    ranked = sorted(((next(iter(probe.values)), rule) for probe, rule in entries), key=lambda e: e[0])
+    bounds, rules = [bound for bound, _ in ranked], [rule for _, rule in ranked]
+
+    def collect(value: Any, found: list[Rule]) -> None:
+        if isinstance(value, str):
+            found.extend(every)  # a string against a number raises: let them, to be counted
+        elif is_number(value):
+            if kind == "above":
+                found.extend(rules[: bisect.bisect_right(bounds, value)])
+            else:
+                found.extend(rules[bisect.bisect_left(bounds, value) :])
+
+    return collect
+
+
+def _gate(kind: Kind, every: list[Rule]) -> Collect:
+    holds: Callable[[Any], bool] = {
+        "truthy": truthy,
+        "present": lambda value: value is not None,
+        "items": lambda value: not (isinstance(value, list) and not value),
+        "nonempty": lambda value: not (isinstance(value, str | list | dict) and not value),
+    }[kind]
+
+    def collect(value: Any, found: list[Rule]) -> None:
+        if holds(value):
+            found.extend(every)
+
+    return collect
+
+
+def _each(get_item: Getter, collect: Collect, every: list[Rule]) -> Collect:
+    """A probe read on each element of a list: the union of what each element keeps."""
+
+    def collect_each(value: Any, found: list[Rule]) -> None:
+        if not isinstance(value, list):
+            found.extend(every)  # the filter gives null, and length(null) raises
+            return
+        hits: list[Rule] = []
+        for item in value:
+            if item is None:
+                # Probes are read off conditions for a document that is not null; on null, the haystack of
+                # contains(['a', 'b'], x) is null too, and contains raises.
+                found.extend(every)
+                return
+            try:
+                collect(get_item(item), hits)
+            except EVAL_ERRORS:
+                found.extend(every)
+                return
+        found.extend(dict.fromkeys(hits))  # once each, however many elements keep a rule
+
+    return collect_each
+
+
+_ORDER = operator.attrgetter("order")
 
 
 @dataclass
@@ -319,68 +503,20 @@ class _Plan:
     """The rules one event type can meet: always-evaluated ones, and per probed subject a table."""
 
     always: list[Rule]
-    probes: list[tuple[Getter, Kind, Any]]  # eq/prefix/contains: value -> rules; truthy/present: rules
+    probes: list[tuple[Getter, Collect, list[Rule]]]  # the subject, its table, every rule in the table
 
     def candidates(self, root: dict[str, Any]) -> list[Rule]:
         found = list(self.always)
-        for get, kind, table in self.probes:
+        for get, collect, every in self.probes:
             try:
                 value = get(root)
             except EVAL_ERRORS:
-                found.extend(_every_rule(kind, table))  # their conditions raise here: let them, to be counted
+                found.extend(every)  # their conditions raise here: let them, to be counted
                 continue
-            if kind == "eq":
-                if isinstance(value, str) and (hit := table.get(value)):
-                    found.extend(hit)
-            elif kind == "prefix" or kind == "contains":
-                if not isinstance(value, str) and not (kind == "contains" and isinstance(value, list)):
-                    found.extend(_every_rule(kind, table))  # starts_with / contains raise on this type
-                elif kind == "prefix":
-                    lengths, prefixes = table
-                    for n in lengths:
-                        if n > len(value):
-                            break
-                        if hit := prefixes.get(value[:n]):
-                            found.extend(hit)
-                elif isinstance(value, str):
-                    for literal, hit in table.items() if value else ():
-                        if literal in value:
-                            found.extend(hit)
-                else:
-                    for item in {v for v in value if isinstance(v, str)}:
-                        if hit := table.get(item):
-                            found.extend(hit)
-            elif kind == "above" or kind == "below":
-                bounds, ranked = table
-                if isinstance(value, str):
-                    found.extend(ranked)  # a string against a number raises: let them, to be counted
-                elif is_number(value):
-                    if kind == "above":
-                        found.extend(ranked[: bisect.bisect_right(bounds, value)])
-                    else:
-                        found.extend(ranked[bisect.bisect_left(bounds, value) :])
-            elif kind == "truthy":
-                if truthy(value):
-                    found.extend(table)
-            elif kind == "present":
-                if value is not None:
-                    found.extend(table)
-            elif kind == "items":
-                if not (isinstance(value, list) and not value):
-                    found.extend(table)
-            elif not (isinstance(value, str | list | dict) and not value):  # nonempty
-                found.extend(table)
+            collect(value, found)
         if len(found) > 1 and self.probes:
-            found.sort(key=lambda r: r.order)
+            found.sort(key=_ORDER)
         return found
-
-
-def _every_rule(kind: Kind, table: Any) -> list[Rule]:
-    if kind in ("prefix", "above", "below"):
-        table = table[1]
-    if isinstance(table, dict):
-        return list(dict.fromkeys(rule for rules in table.values() for rule in rules))
-    return list(table)
 
 
 @dataclass
@@ -403,7 +539,7 @@ class RuleSet:
         """The field paths whose value must be one of these strings for ``rule`` to match."""
         found = {}
         for probe in self._probes[id(rule)]:
-            path = expr.field_chain(json.loads(probe.subject)) if probe.kind == "eq" else None
+            path = expr.field_chain(json.loads(probe.subject)) if probe.kind == "eq" and not probe.within else None
             if path:
                 found[path] = probe.values
         return found
@@ -418,21 +554,33 @@ class RuleSet:
 
     def _build_plan(self, rules: list[Rule]) -> _Plan:
         # File each rule under its most selective probe: the one whose subject has the most distinct
-        # values across these rules (then eq before prefix before contains before gates).
-        distinct: dict[tuple[Kind, str], set[str]] = defaultdict(set)
+        # values across these rules (then one read once before one read per element; then eq before
+        # prefix before contains before gates).
+        distinct: dict[tuple[Kind, str, str | None], set[str]] = defaultdict(set)
         for rule in rules:
             for probe in self._probes[id(rule)]:
-                distinct[probe.kind, probe.subject] |= probe.values or {""}
+                distinct[probe.kind, probe.subject, probe.within] |= probe.values or {""}
         always: list[Rule] = []
-        filed: dict[tuple[Kind, str], list[tuple[Probe, Rule]]] = defaultdict(list)
+        filed: dict[tuple[Kind, str, str | None], list[tuple[Probe, Rule]]] = defaultdict(list)
         for rule in rules:
             probes = self._probes[id(rule)]
             if not probes:
                 always.append(rule)
                 continue
-            best = max(probes, key=lambda p: (len(distinct[p.kind, p.subject]), -_KIND_ORDER[p.kind]))
-            filed[best.kind, best.subject].append((best, rule))
-        return _Plan(always, [(self._getters[s], k, _table(k, entries)) for (k, s), entries in filed.items()])
+            best = max(
+                probes,
+                key=lambda p: (len(distinct[p.kind, p.subject, p.within]), p.within is None, -_KIND_ORDER[p.kind]),
+            )
+            filed[best.kind, best.subject, best.within].append((best, rule))
+        tables = []
+        for (kind, subject, within), entries in filed.items():
+            every = [rule for _, rule in entries]
+            collect = _collector(kind, entries, every)
+            if within is None:
+                tables.append((self._getters[subject], collect, every))
+            else:
+                tables.append((self._getters[within], _each(self._getters[subject], collect, every), every))
+        return _Plan(always, tables)
 
     def match(self, event: Event, root: dict[str, Any]) -> list[Rule]:
         """Every rule whose types and condition match. A rule that errors does not match."""

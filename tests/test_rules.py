@@ -15,7 +15,7 @@ from router.decode import decode_object
 from router.engine import Engine, load
 from router.errors import ConfigError
 from router.expr import truthy
-from router.rules import JMESPATH_OPTIONS, rule_root
+from router.rules import JMESPATH_OPTIONS, _Substrings, rule_root
 
 CONFIG = """\
 rules_dir: rules
@@ -131,6 +131,7 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
         lambda: f"starts_with(ProjectName, '{p()}')",
         lambda: f"imm.outcome == 'failed' && starts_with(imm.project || '', '{p()}')",
         lambda: f"contains(Message, '{p()}')",
+        lambda: f"contains(Message, '{rnd.choice(['ab', 'bc', 'abc', 'cd', 'b'])}')",  # overlapping, nested
         lambda: f"Status == 'Failed' && contains(Tags, '{p()}')",
         lambda: "length(Files[?Error == 'X']) > `0`",
         lambda: "length(Files) >= `1` && Status == 'Failed'",
@@ -149,6 +150,17 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
         lambda: "Tags[0] && Status == 'Failed'",
         lambda: f"length(Missing) > `0` && ProjectName == '{p()}'",
         lambda: f"starts_with(Code, 'X') && ProjectName == '{p()}'",
+        # Filters: probed on each element of the list.
+        lambda: f"length(Files[?contains(Error, '{p()}')]) > `0`",
+        lambda: f"length(imm.failed_files[?contains(error, '{p()}')]) > `0`",
+        lambda: f"length(Files[?Error == '{p()}' || Error == 'X']) > `0` && Status == 'Failed'",
+        lambda: f"length(Files[?starts_with(Error, '{p()}')].URI) >= `1`",
+        lambda: f"Status == 'Failed' && length(Files[?URI && glob('{p()}*', Error)]) > `0`",
+        lambda: f"length(Files[?Size > `{rnd.choice([4, 8])}`]) > `1`",
+        lambda: f"length(Files[?length(Tags[?contains(@, '{p()}')]) > `0`]) > `0`",
+        lambda: "length(Files[?Error]) > `0`",
+        lambda: "length(Files[?lower(Error) == 'x']) > `0`",
+        lambda: f"length(Files[?contains(['{p()}', '{p()}'], Error)]) > `0` && ProjectName == '{p()}'",
     ]
     types = ['["imm:Task:*"]', '["imm:Task:MediaConvert", "imm:Batch:*"]', ""]
     text = "rules:\n" + "".join(
@@ -165,9 +177,19 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
             "Code": rnd.choice(["", "X", "200", None, ["X"]]),
             "Suggestion": rnd.choice(["block", "pass"]),
             "Statistic": {"SubmitFailure": rnd.choice([0, 2, "3", None])},
-            "Message": rnd.choice([None, "", f"failed in {p()} now", [p(), "x"], 7]),
+            "Message": rnd.choice(
+                [None, "", f"failed in {p()} now", p(), f"{p()}{p()}", "abcd", "xbcab", [p(), "x"], 7]
+            ),
             "Tags": rnd.choice([None, [], [p(), p(), 1], "p1", {"a": 1}]),
-            "Files": rnd.choice([None, [], [{"Error": "X"}], [{"Error": ""}, {"URI": "u"}], "", {}]),
+            "Files": rnd.choice(
+                [
+                    *(None, [], [{"Error": "X"}], [{"Error": ""}, {"URI": "u"}], "", {}),
+                    [{"Error": f"bad {p()}", "URI": "u", "Size": 9}, {"Error": 3, "Size": "9"}],
+                    [{"Error": p(), "Size": 5, "Tags": [p(), 2]}, "x", None, {"Error": p(), "URI": "u"}],
+                    [{"Error": [p(), "X"], "Tags": p()}, {"Error": "X", "URI": None}],
+                    [{"Error": p(), "URI": "u", "Size": 9, "Tags": [p()]}, {"Error": p(), "Size": 7}],
+                ]
+            ),
             "Duration": rnd.choice([None, 3, 9, "9", 7.5]),
         }
         ev = event(data, rnd.choice(["imm:Task:MediaConvert", "imm:Batch:Notification", "imm:Task:X"]), f"e{n}")
@@ -184,6 +206,39 @@ def test_indexed_matching_equals_plain_evaluation(tmp_path: Path) -> None:
         assert [r.name for r in engine.rules.match(ev, root)] == expected, data
     assert {r.name: r.errors for r in engine.rules.rules if r.errors} == expected_errors
     assert len(expected_errors) > 30  # the mix does raise
+
+
+def test_filter_rules_meet_only_the_events_whose_elements_can_match(tmp_path: Path) -> None:
+    """``length(list[?contains(field, 'x')]) > 0`` is indexed on each element: an event meets the rules of
+    the literals its elements contain, not all of them."""
+    text = "rules:\n" + "".join(
+        rule(f"r{i}", f"length(Files[?contains(Error, 'code-{i:02}')]) > `0`") for i in range(50)
+    )
+    engine = load(make(tmp_path, text))
+    ev = event({"Files": [{"Error": "code-07 in code-41"}, {"Error": "code-07"}]})
+    root = rule_root(ev)
+    assert [r.name for r in engine.rules.plan(ev.type).candidates(root)] == ["r7", "r41"]
+    assert [r.name for r in engine.rules.match(ev, root)] == ["r7", "r41"]
+    # An element whose field contains cannot take: every rule is evaluated, and each counts its error.
+    ev = event({"Files": [{"Error": "code-07"}, {"Error": 3}]})
+    assert engine.rules.match(ev, rule_root(ev)) == []
+    assert sum(r.errors for r in engine.rules.rules) == 50
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "abc", "a", "x.*(é"])
+def test_substring_tables_find_exactly_the_literals_a_string_contains(alphabet: str) -> None:
+    """The one regular expression over a contains table finds every literal in a string: overlapping,
+    nested, sharing starts, with characters re treats specially, and nested too deep for a trie."""
+    rnd = random.Random(alphabet)
+    word = lambda n: "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, n)))  # noqa: E731
+    for _ in range(400):
+        literals = {word(5) for _ in range(rnd.randint(1, 12))}
+        substrings = _Substrings(literals)
+        for _ in range(5):
+            value = word(14) + rnd.choice(["", "q", "qq" + word(4)])
+            assert substrings.of(value) == {lit for lit in literals if lit in value}, (literals, value)
+    deep = _Substrings(["a" * n for n in range(1, 80)])
+    assert deep.of("xaaay") == {"a", "aa", "aaa"}
 
 
 def test_custom_functions(tmp_path: Path) -> None:
