@@ -42,6 +42,9 @@ from router.service import Service
 from router.sources.kafka import read_topic
 
 ROOT = Path(__file__).resolve().parent.parent
+# kafka.fetch_max_wait_ms of the routers under test (--fetch-max-wait-ms): Tansu holds a fetch for most of
+# this wait even when records arrive meanwhile (Kafka answers at once), so on Tansu it adds to latency.
+FETCH_MAX_WAIT_MS = [25]
 
 
 Values = list[tuple[bytes, list[tuple[str, bytes]]]]
@@ -147,6 +150,7 @@ def bench_config(directory: Path, bootstrap: str, topic: str, workers: int = 1) 
                     "inhibitions_topic": f"{topic}-inhibitions",
                     "session_timeout_ms": 1000,
                     "heartbeat_interval_ms": 200,
+                    "fetch_max_wait_ms": FETCH_MAX_WAIT_MS[0],
                 },
                 "service": {
                     "max_in_flight": 5000,
@@ -256,7 +260,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def main(n: int, mixes: list[str], workers: int) -> None:
-    print(f"events: {n} per mix; seed examples: {len(demo_records()) - 1}, every wire format")
+    print(
+        f"events: {n} per mix; seed examples: {len(demo_records()) - 1}, every wire format; "
+        f"kafka.fetch_max_wait_ms {FETCH_MAX_WAIT_MS[0]}"
+    )
     async with TansuBroker() as broker:
         bootstrap = broker.bootstrap_servers
         for mix in mixes:
@@ -300,5 +307,7 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--mix", choices=["seed", "production"], action="append", help="default: both")
     parser.add_argument("--workers", type=int, default=1, help="also time `imm-router run` with 1 and N workers")
+    parser.add_argument("--fetch-max-wait-ms", type=int, default=25, help="the routers' kafka.fetch_max_wait_ms")
     args = parser.parse_args()
+    FETCH_MAX_WAIT_MS[0] = args.fetch_max_wait_ms
     asyncio.run(main(args.events, args.mix or ["seed", "production"], args.workers))
