@@ -34,8 +34,8 @@ from pathlib import Path
 import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from router.alerting.topics import TopicSpec, ensure_topics
 from router.decode import decode
 from router.embedded.broker import TansuBroker
 from router.embedded.demo import demo_records
@@ -333,12 +333,7 @@ async def fresh_topic(topic: str, workers: int) -> AsyncIterator[str]:
 
 
 async def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
+    await ensure_topics({"bootstrap_servers": bootstrap}, {topic: TopicSpec(partitions, compact=False)}, 1)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from router.alerting.topics import TopicSpec, ensure_topics
 from router.embedded import start_router
 from router.embedded.broker import TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
@@ -77,6 +77,10 @@ async def consume_until(
 
 async def consume(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[Any]:
     return await consume_until(bootstrap, topic, lambda records: len(records) >= count, f"{count} records", timeout)
+
+
+async def create_topic(bootstrap: str, topic: str, *, partitions: int) -> None:
+    await ensure_topics({"bootstrap_servers": bootstrap}, {topic: TopicSpec(partitions, compact=False)}, 1)
 
 
 async def committed(bootstrap: str, group: str, topic: str) -> int:
@@ -403,10 +407,7 @@ async def test_two_routers_in_one_group_lose_nothing_and_sigterm_commits(
     tansu: TansuBroker, unique_topic, tmp_path: Path
 ) -> None:
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap_servers)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    await admin.close()
+    await create_topic(tansu.bootstrap_servers, topic, partitions=4)
     path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
     first = [f"a-{i}" for i in range(150)]
     second = [f"b-{i}" for i in range(150)]

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.embedded import free_port, start_router
 from router.embedded.broker import TansuBroker
-from tests.test_service import alert_ids, committed, failed_task, kafka_router, produce, wait_until
+from tests.test_service import alert_ids, committed, create_topic, failed_task, kafka_router, produce, wait_until
 
 
 def workers_router(tmp_path: Path, bootstrap: str, topic: str, alerts: str, port: int) -> Path:
@@ -69,10 +68,7 @@ async def test_two_workers_share_the_partitions_lose_nothing_and_drain_on_sigter
     tansu: TansuBroker, unique_topic, tmp_path: Path
 ) -> None:
     topic, alerts = unique_topic("events"), unique_topic("alerts")
-    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap_servers)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    await admin.close()
+    await create_topic(tansu.bootstrap_servers, topic, partitions=4)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     path = workers_router(tmp_path, tansu.bootstrap_servers, topic, alerts, port)
