@@ -28,6 +28,7 @@ from tests.test_delivery_support import (
     notifications,
     send_failing,
     task_id,
+    virtual_delivery,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,7 +100,7 @@ async def test_retry_on_503_then_success(tmp_path: Path, webhook: WebhookCapture
     webhook.set_statuses([503, 503])
     clock = VirtualClock()
     metrics = Metrics()
-    delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
+    delivery = virtual_delivery(engine, clock, metrics)
     (notification,) = notifications(engine, [failed_event(1)])
     try:
         assert await delivery.deliver(notification) == "sent"

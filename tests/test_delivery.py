@@ -25,7 +25,6 @@ from router.embedded import free_port
 from router.embedded.broker import TansuBroker
 from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.webhook import WebhookCapture
-from router.engine import Engine
 from router.metrics import Metrics
 from tests.servers import DINGTALK_PLAIN_TOKEN, SMTP_PASSWORD, SMTP_USERNAME, TlsSmtpCapture
 from tests.test_delivery_support import (
@@ -36,6 +35,7 @@ from tests.test_delivery_support import (
     make_engine,
     notifications,
     task_id,
+    virtual_delivery,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -63,10 +63,6 @@ def email_channel(server: TlsSmtpCapture, **extra: Any) -> dict[str, Any]:
         "to": ["oncall@example.test"],
         **extra,
     }
-
-
-def virtual_delivery(engine: Engine, clock: VirtualClock, metrics: Metrics | None = None) -> Delivery:
-    return Delivery(engine, {}, metrics or Metrics(), clock=clock, sleep=clock.sleep)
 
 
 async def settle(delivery: Delivery, batch: list[Any]) -> list[str | BaseException]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from router.delivery.pipeline import Delivery
 from router.embedded.dingtalk import FakeDingTalk
 from router.metrics import Metrics
 from tests.servers import DINGTALK_SECRET, DINGTALK_SIGNED_TOKEN
@@ -19,6 +18,7 @@ from tests.test_delivery_support import (
     make_engine,
     notifications,
     task_id,
+    virtual_delivery,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +35,7 @@ async def test_a_storm_becomes_a_few_digests_and_is_never_throttled(tmp_path: Pa
         engine = make_engine(tmp_path, {"oncall": config})  # rate_limit: DingTalk's default, 20 a minute
         batch = notifications(engine, [failed_event(i) for i in range(EVENTS)])
         metrics = Metrics()
-        delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
+        delivery = virtual_delivery(engine, clock, metrics)
         robot.fail_next(3, errcode=-1)  # "busy" at the start: the retries count against the budget too
 
         try:

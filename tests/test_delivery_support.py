@@ -113,6 +113,11 @@ async def arriving_over_a_minute(clock: VirtualClock, delivery: Delivery, batch:
     return await asyncio.gather(*(arrive(i) for i in range(len(batch))))
 
 
+def virtual_delivery(engine: Engine, clock: VirtualClock, metrics: Metrics | None = None) -> Delivery:
+    """Delivery whose retries, backoff and rate limits run on ``clock``."""
+    return Delivery(engine, {}, metrics or Metrics(), clock=clock, sleep=clock.sleep)
+
+
 def task_id(index: int) -> str:
     return f"task-{index:05d}"
 

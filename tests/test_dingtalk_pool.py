@@ -29,6 +29,7 @@ from tests.test_delivery_support import (
     make_engine,
     notifications,
     task_id,
+    virtual_delivery,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,7 +55,7 @@ async def test_100_alerts_in_a_minute_over_3_robots_none_over_its_limit(tmp_path
         engine = make_engine(tmp_path, {"oncall": pool_config(server)})
         batch = notifications(engine, [failed_event(i) for i in range(EVENTS)])
         metrics = Metrics()
-        delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
+        delivery = virtual_delivery(engine, clock, metrics)
 
         try:
             outcomes = await arriving_over_a_minute(clock, delivery, batch)

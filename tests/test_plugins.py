@@ -31,6 +31,7 @@ from tests.test_delivery_support import (
     make_engine,
     notifications,
     task_id,
+    virtual_delivery,
 )
 from tests.test_service import config, failed_task, kafka_only_rules, produce, running, wait_until
 
@@ -107,7 +108,7 @@ async def test_retries_and_rate_limits_apply_to_a_plugin_channel(
     engine = make_engine(tmp_path, channels, templates_dir=str(templates))
     clock = VirtualClock()
     metrics = Metrics()
-    delivery = Delivery(engine, {}, metrics, clock=clock, sleep=clock.sleep)
+    delivery = virtual_delivery(engine, clock, metrics)
     batch = notifications(engine, [failed_event(i) for i in range(5)])
     try:
         outcomes = await asyncio.gather(*(delivery.deliver(n) for n in batch), return_exceptions=True)
