@@ -96,7 +96,6 @@ class Routed:
 
     record: Any
     sends: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
-    handoffs: int = 0
     inhibits: list[str] = field(default_factory=list)  # inhibiting-source keys
     dead_letters: list[tuple[str, dict[str, str | None]]] = field(default_factory=list)  # (reason, extra)
     seen: float = field(default_factory=time.time)
@@ -352,14 +351,31 @@ class Service:
             routed = await loop.run_in_executor(self._router_thread, self._route_all, engine, records)
             assert self.producer is not None
             messages: list[tuple[str, bytes, bytes]] = []
+            owners: list[Routed] = []  # the record each message is for
             for r in routed:
                 for reason, extra in r.dead_letters:
                     await self._dead_letter(r.record, reason, **extra)
                 for key in r.inhibits:
                     self.inhibitions.add(key, r.seen)  # here at once; other replicas within a fetch
                 messages += r.sends
-            await produce_all(self.producer, messages)
-            self.metrics.handoffs.inc(sum(r.handoffs for r in routed))
+                owners += [r] * len(r.sends)
+            refused = await produce_all(self.producer, messages)
+            # A hand-off over the size limit can never reach its owner: its source record goes to the
+            # dead-letter topic instead (once, whatever else it made), and the rest of the batch goes on.
+            too_large = {id(r): (r, err) for r, err in zip(owners, refused, strict=True) if err is not None}
+            for r, err in too_large.values():
+                await self._dead_letter(r.record, f"handoff too large to produce: {err}")
+            notifications = engine.settings.kafka.notifications_topic
+            sent = [t == notifications and err is None for (t, _, _), err in zip(messages, refused, strict=True)]
+            self.metrics.handoffs.inc(sum(sent))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the batch, nor hold its partition's commits forever
+            log.exception(
+                "unexpected error handing off %s and the %d records after it", where(records[0]), len(records) - 1
+            )
+            for record in records:
+                await self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.metrics.in_flight.dec(len(records))
 
@@ -409,7 +425,6 @@ class Service:
         for n in result.notifications:
             value = Handoff(n, result.root, routed.seen, source).encode()
             routed.sends.append((kafka.notifications_topic, n.channel.encode(), value))
-        routed.handoffs = len(result.notifications)
         event_id = result.notifications[0].event_id if result.notifications else source.where
         for rule in result.matched:
             for index in engine.inhibit_sources.get(rule, ()):

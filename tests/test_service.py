@@ -320,6 +320,29 @@ async def test_poison_records_are_dead_lettered_and_consumption_continues(
     assert service.metrics.decode_failures._value.get() == len(POISON)
 
 
+async def test_an_event_whose_handoff_is_over_the_size_limit_is_dead_lettered_and_routing_goes_on(
+    tansu: TansuBroker, unique_topic, tmp_path: Path
+) -> None:
+    """A hand-off carries the event about three times: a 500 KB event makes one over the producer's 1 MB
+    limit. It used to be retried for ever, holding its partition; its source record is dead-lettered."""
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
+    big = json.loads(failed_task("too-big"))
+    big["UserData"] = "x" * 500_000
+    records = [(json.dumps(big).encode(), [("trace", b"big")]), (failed_task("after-big"), [])]
+    async with running(path) as service:
+        await produce(tansu.bootstrap_servers, topic, records)
+        (dead,) = await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
+        ids = await alert_ids(tansu.bootstrap_servers, alerts, {"after-big"})
+        await wait_until(lambda: service.committed == len(records), what="offsets committed past the big event")
+    headers = dict(dead.headers)
+    assert headers["trace"] == b"big" and dead.value == records[0][0]
+    assert headers["imm-dlq-reason"].decode().startswith("handoff too large to produce: ")
+    assert "MessageSizeTooLargeError" in headers["imm-dlq-reason"].decode()
+    assert ids == ["after-big"]
+    assert service.metrics.handoffs._value.get() == 1
+
+
 async def test_exhausted_delivery_is_dead_lettered_with_rule_and_channel(
     tansu: TansuBroker, unique_topic, tmp_path: Path, webhook: WebhookCapture
 ) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 
 from router.metrics import Metrics
 
@@ -346,21 +346,27 @@ async def produce(
     headers: list[tuple[str, bytes]] | None = None,
     partition: int | None = None,
 ) -> None:
-    """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped)."""
+    """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped).
+    Raises MessageSizeTooLargeError for a record over the size limit: no retry can send it."""
     backoff = 0.5
     while True:
         try:
             await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
             return
+        except MessageSizeTooLargeError:
+            raise
         except KafkaError as exc:
             log.warning("produce to %s failed (%s); retrying in %.1fs", topic, exc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
 
-async def produce_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, bytes | None, bytes | None]]) -> None:
+async def produce_all(
+    producer: AIOKafkaProducer, messages: Iterable[tuple[str, bytes | None, bytes | None]]
+) -> list[MessageSizeTooLargeError | None]:
     """Produce many records and wait for the broker once: they batch together, in order per partition.
-    Any that fails is produced again by ``produce`` (with its retries) until it succeeds."""
+    Any that fails is produced again by ``produce`` (with its retries) until it succeeds. Per message: None,
+    or the error of one over the size limit (never sent: the caller decides what becomes of it)."""
     messages = list(messages)
     queued: list[asyncio.Future[Any] | None] = []
     for topic, key, value in messages:
@@ -368,14 +374,20 @@ async def produce_all(producer: AIOKafkaProducer, messages: Iterable[tuple[str, 
             queued.append(await producer.send(topic, value=value, key=key))
         except KafkaError:  # e.g. no metadata yet for the topic: left to produce's retries below
             queued.append(None)
-    outcomes = await asyncio.gather(*(f for f in queued if f is not None), return_exceptions=True)
-    results = iter(outcomes)
+    refused: list[MessageSizeTooLargeError | None] = []
     for (topic, key, value), future in zip(messages, queued, strict=True):
-        outcome = next(results) if future is not None else None
-        if future is None or isinstance(outcome, KafkaError):
+        refused.append(None)
+        try:
+            if future is not None:
+                try:
+                    await future  # all are in flight already: waiting in order costs no more than at once
+                    continue
+                except KafkaError:
+                    pass
             await produce(producer, topic, key=key, value=value)
-        elif isinstance(outcome, BaseException):
-            raise outcome
+        except MessageSizeTooLargeError as exc:
+            refused[-1] = exc
+    return refused
 
 
 def where(record: Any) -> str:
