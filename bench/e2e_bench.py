@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # kafka.fetch_max_wait_ms of the routers under test (--fetch-max-wait-ms): Tansu holds a fetch for most of
 # this wait even when records arrive meanwhile (Kafka answers at once), so on Tansu it adds to latency.
 FETCH_MAX_WAIT_MS = [25]
+# The router's CPU time per event in each run_router (all its threads: where the time goes).
+CPU_PER_EVENT: list[float] = []
 
 
 Values = list[tuple[bytes, list[tuple[str, bytes]]]]
@@ -190,12 +192,14 @@ async def run_router(bootstrap: str, topic: str, values: Values, rate: float | N
         while service.settled < 1 or (rate is not None and not (service.owned_partitions and delivered(service, 1))):
             await asyncio.sleep(0.001)
         start, before, start_ms = time.perf_counter(), service.settled, time.time() * 1000
+        cpu = time.process_time()
         producing = asyncio.create_task(produce_elsewhere(bootstrap, topic, values[1:], rate, Path(tmp)))
         # Done when every record is routed and every notification it made is delivered (offsets are
         # committed within commit_interval_seconds after: bookkeeping, not work).
         while not delivered(service, len(values)):
             await asyncio.sleep(0.01)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        CPU_PER_EVENT.append(cpu / (len(values) - before))
         await producing
         service.stop()
         await task
@@ -307,7 +311,10 @@ async def main(n: int, mixes: list[str], workers: int) -> None:
             _, _, latencies = await run_router(bootstrap, f"lat-{mix}", values[: min(n, int(half * 10)) + 1], half)
         print(f"[{mix} mix] {alerts / n:.0%} of events alert")
         print(f"  raw baseline (getmany + JSON decode): {raw:10,.0f} ev/s")
-        print(f"  router, shipped rules → Kafka:        {rate:10,.0f} ev/s   ratio {rate / raw:.2f}x")
+        print(
+            f"  router, shipped rules → Kafka:        {rate:10,.0f} ev/s   ratio {rate / raw:.2f}x   "
+            f"(CPU {CPU_PER_EVENT[-1] * 1e6:.0f} µs/event)"
+        )
         print(
             f"  latency at {half:,.0f} ev/s (half the router rate), {len(latencies)} notifications: "
             f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "

@@ -15,7 +15,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -48,20 +48,43 @@ class Event:
     envelope: dict[str, Any]
     wire_format: WireFormat
     base64: bool = False
-    # The normalized view rules and templates see as ``imm`` (see router/imm.py).
-    view: dict[str, Any] = field(default_factory=dict)
+    # The normalized view rules and templates see as ``imm`` (see router/imm.py), built when first read:
+    # most events meet no rule that reads it whole (see ``view_of``).
+    _view: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
-    def event_doc(self) -> dict[str, Any]:
-        """What rules and templates see as ``event``: the envelope plus normalized attributes."""
+    @property
+    def view(self) -> dict[str, Any]:
+        if self._view is None:
+            object.__setattr__(self, "_view", build_view(self.data, self.envelope, self.type))
+        return self._view  # type: ignore[return-value]
+
+    def view_of(self, keys: frozenset[str] | None) -> dict[str, Any]:
+        """The view with only ``keys`` of it (None: all), for rules that read nothing else of it."""
+        if keys is None or self._view is not None:
+            return self.view
+        return build_view(self.data, self.envelope, self.type, keys)
+
+    def event_doc(self, keys: frozenset[str] | None = None) -> dict[str, Any]:
+        """What rules and templates see as ``event``: the envelope plus normalized attributes; with
+        ``keys``, only those of them."""
+        if keys is None:
+            return {**self.envelope, **{key: attribute(self) for key, attribute in _ATTRIBUTES.items()}}
         return {
-            **self.envelope,
-            "id": self.id,
-            "type": self.type,
-            "source": self.source,
-            "subject": self.subject,
-            "time": self.time.isoformat(),
-            "wire_format": str(self.wire_format),
+            key: attribute(self) if attribute is not None else self.envelope[key]
+            for key in keys
+            if (attribute := _ATTRIBUTES.get(key)) is not None or key in self.envelope
         }
+
+
+# ``event`` keys that are the router's normalized attributes, not the envelope's own.
+_ATTRIBUTES: dict[str, Callable[[Event], str]] = {
+    "id": lambda e: e.id,
+    "type": lambda e: e.type,
+    "source": lambda e: e.source,
+    "subject": lambda e: e.subject,
+    "time": lambda e: e.time.isoformat(),
+    "wire_format": lambda e: str(e.wire_format),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +277,6 @@ def _event(
         envelope=envelope,
         wire_format=fmt,
         base64=wrapped,
-        view=build_view(data, envelope, etype),
     )
 
 

@@ -102,13 +102,14 @@ class Engine:
         return tuple(out)
 
     def route(self, event: Event) -> RouteResult:
-        root = rule_root(event)
+        root = self.rules.root_for(event)
         matched = self.rules.match(event, root)
-        result = RouteResult(matched=[rule.name for rule in matched], root=root)
         if not matched:
-            return result
+            return RouteResult(root=root)
+        # Templates, group and throttle keys and the notify stage read all of the root.
+        result = RouteResult(matched=[rule.name for rule in matched], root=rule_root(event))
         for rule in matched:
-            context = event_context(event, root["event"], self.rule_docs[rule.name])
+            context = event_context(event, result.root["event"], self.rule_docs[rule.name])
             for target in rule.spec.notify:
                 try:
                     result.notifications.append(self.render(event, rule, target, context))
@@ -442,7 +443,7 @@ def _fitted(
         else:
             node[path[-1]] = min(values)
     data = {k: v for k, v in fitted.items() if k not in ("imm", "event")}
-    return replace(event, data=data, view=fitted["imm"]), fitted
+    return replace(event, data=data, _view=fitted["imm"]), fitted
 
 
 def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> str:

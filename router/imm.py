@@ -7,8 +7,9 @@ Every key is always present (``None`` / ``[]`` when the payload lacks it). See R
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 # Event types as EventBridge names them; the MNS document names some tasks differently.
 TASK_ALIASES = {
@@ -199,65 +200,151 @@ def _uris(data: dict[str, Any], files: list[dict[str, Any]], targets: list[dict[
     return list(dict.fromkeys(u for u in found if isinstance(u, str) and u))
 
 
-def build_view(data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> dict[str, Any]:
-    if event_type in ALERTMANAGER_TYPES:
-        return _alert_view(data)
-    # Files and Targets are read by several keys: listed once.
-    files, targets = _dicts(data.get("Files")), _dicts(data.get("Targets"))
-    bad_files = [f for f in files if _str(f.get("Error"))]
-    bad_targets = [t for t in targets if _bad_code(t.get("Code"))]
-    reasons = failure_reasons(data, len(bad_files), len(bad_targets))
-    result = outcome(data, reasons)
-    start, end = (
-        _iso(data.get("StartTime") or data.get("CreateTime")),
-        _iso(data.get("EndTime") or data.get("UpdateTime")),
-    )
-    task_type_raw = _str(data.get("TaskType"))
-    task_type = (
-        canonical_task(task_type_raw)
-        if task_type_raw
-        else (event_type.split(":")[-1] if event_type.startswith("imm:Task:") else None)
-    )
-    code, message = _error(data, bad_files, bad_targets) if reasons else (None, None)
-    suggestion = _str(data.get("Suggestion"))
-    frames = data.get("Frames")
-    moderation = None
-    if suggestion is not None or task_type in MODERATION_TASKS:
-        moderation = {
+T = TypeVar("T")
+
+
+class _once(Generic[T]):  # a decorator, named like one
+    """functools.cached_property without its lock (Python 3.11 takes one on every first read): the
+    value is stored in the instance, so later reads never come back here."""
+
+    def __init__(self, compute: Callable[[Any], T]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> T:
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
+class _Facts:
+    """What several view keys of one payload read (its files, failure reasons, times…), each worked out
+    when a key first needs it: a rule usually reads one or two keys of the view, never all."""
+
+    def __init__(self, data: dict[str, Any], envelope: dict[str, Any], event_type: str) -> None:
+        self.data, self.envelope, self.event_type = data, envelope, event_type
+
+    @_once
+    def files(self) -> list[dict[str, Any]]:
+        return _dicts(self.data.get("Files"))
+
+    @_once
+    def targets(self) -> list[dict[str, Any]]:
+        return _dicts(self.data.get("Targets"))
+
+    @_once
+    def bad_files(self) -> list[dict[str, Any]]:
+        return [f for f in self.files if _str(f.get("Error"))]
+
+    @_once
+    def bad_targets(self) -> list[dict[str, Any]]:
+        return [t for t in self.targets if _bad_code(t.get("Code"))]
+
+    @_once
+    def reasons(self) -> list[str]:
+        return failure_reasons(self.data, len(self.bad_files), len(self.bad_targets))
+
+    @_once
+    def outcome(self) -> str:
+        return outcome(self.data, self.reasons)
+
+    @_once
+    def times(self) -> tuple[datetime | None, datetime | None]:
+        data = self.data
+        start = _iso(data.get("StartTime") or data.get("CreateTime"))
+        return start, _iso(data.get("EndTime") or data.get("UpdateTime"))
+
+    @_once
+    def task_type(self) -> str | None:
+        raw = _str(self.data.get("TaskType"))
+        if raw:
+            return canonical_task(raw)
+        return self.event_type.split(":")[-1] if self.event_type.startswith("imm:Task:") else None
+
+    @_once
+    def error(self) -> tuple[str | None, str | None]:
+        return _error(self.data, self.bad_files, self.bad_targets) if self.reasons else (None, None)
+
+    @_once
+    def uris(self) -> list[str]:
+        return _uris(self.data, self.files, self.targets)
+
+    def moderation(self) -> dict[str, Any] | None:
+        data = self.data
+        suggestion = _str(data.get("Suggestion"))
+        if suggestion is None and self.task_type not in MODERATION_TASKS:
+            return None
+        categories, frames = data.get("Categories"), data.get("Frames")
+        return {
             "suggestion": suggestion.lower() if suggestion else None,
-            "categories": [c for c in data.get("Categories") or [] if isinstance(c, str)]
-            if isinstance(data.get("Categories"), list)
-            else [],
+            "categories": [c for c in categories if isinstance(c, str)] if isinstance(categories, list) else [],
             "block_frames": _dicts(frames.get("BlockFrames")) if isinstance(frames, dict) else [],
         }
-    uris = _uris(data, files, targets)
-    region = _str(envelope.get("aliyunregionid"))
-    if region is None:
-        match = _REGION.match(_str(envelope.get("subject")) or "")
-        region = match.group(1) if match else None
-    return {
-        "outcome": result,
-        "failed": result == "failed",
-        "failure_reasons": reasons,
-        "status": _str(data.get("Status")) or _str(data.get("State")),
-        "project": _str(data.get("ProjectName")) or _str(data.get("Project")),
-        "dataset": _str(data.get("DatasetName")) or _str(data.get("Dataset")),
-        "task_id": _str(data.get("TaskId")) or _str(data.get("Id")) or _str(data.get("JobId")),
-        "task_type": task_type,
-        "request_id": _str(data.get("RequestId")),
-        "start_time": start.isoformat() if start else None,
-        "end_time": end.isoformat() if end else None,
-        "duration_seconds": (end - start).total_seconds() if start and end else None,
-        "uri": uris[0] if uris else None,
-        "uris": uris,
-        "error_code": code,
-        "error_message": message,
-        "failed_files": [{"uri": _str(f.get("URI")), "error": _str(f.get("Error"))} for f in bad_files],
-        "moderation": moderation,
-        "user_data": _str(data.get("UserData")),
-        "event_source_id": _str(data.get("EventSourceId")),
-        "region": region,
-    }
+
+    def region(self) -> str | None:
+        region = _str(self.envelope.get("aliyunregionid"))
+        if region is None:
+            match = _REGION.match(_str(self.envelope.get("subject")) or "")
+            region = match.group(1) if match else None
+        return region
+
+    def duration(self) -> float | None:
+        start, end = self.times
+        return (end - start).total_seconds() if start and end else None
+
+
+def _either(*keys: str) -> Callable[[_Facts], str | None]:
+    def first(facts: _Facts) -> str | None:
+        data = facts.data
+        for key in keys:
+            value = _str(data.get(key))
+            if value:
+                return value
+        return None
+
+    return first
+
+
+def _iso_or_none(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# Each key of the view, in its order, from the payload's facts.
+_VIEW: dict[str, Callable[[_Facts], Any]] = {
+    "outcome": lambda f: f.outcome,
+    "failed": lambda f: f.outcome == "failed",
+    "failure_reasons": lambda f: f.reasons,
+    "status": _either("Status", "State"),
+    "project": _either("ProjectName", "Project"),
+    "dataset": _either("DatasetName", "Dataset"),
+    "task_id": _either("TaskId", "Id", "JobId"),
+    "task_type": lambda f: f.task_type,
+    "request_id": _either("RequestId"),
+    "start_time": lambda f: _iso_or_none(f.times[0]),
+    "end_time": lambda f: _iso_or_none(f.times[1]),
+    "duration_seconds": _Facts.duration,
+    "uri": lambda f: f.uris[0] if f.uris else None,
+    "uris": lambda f: f.uris,
+    "error_code": lambda f: f.error[0],
+    "error_message": lambda f: f.error[1],
+    "failed_files": lambda f: [{"uri": _str(x.get("URI")), "error": _str(x.get("Error"))} for x in f.bad_files],
+    "moderation": _Facts.moderation,
+    "user_data": _either("UserData"),
+    "event_source_id": _either("EventSourceId"),
+    "region": _Facts.region,
+}
+
+
+def build_view(
+    data: dict[str, Any], envelope: dict[str, Any], event_type: str, keys: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The view of a payload; with ``keys``, only those of them that are view keys (what rules that read
+    only ``imm.<key>`` paths need: the same values, without the work of the rest)."""
+    if event_type in ALERTMANAGER_TYPES:
+        return _alert_view(data)
+    facts = _Facts(data, envelope, event_type)
+    if keys is None:
+        return {key: build(facts) for key, build in _VIEW.items()}
+    return {key: _VIEW[key](facts) for key in keys if key in _VIEW}
 
 
 def _alert_view(alert: dict[str, Any]) -> dict[str, Any]:

@@ -498,12 +498,57 @@ def _each(get_item: Getter, collect: Collect, every: list[Rule]) -> Collect:
 _ORDER = operator.attrgetter("order")
 
 
+@dataclass(frozen=True)
+class Reads:
+    """Which keys of the rule root's reserved documents ``imm`` and ``event`` expressions read (None: the
+    document whole). The root is built with only those: the rest would be work for nothing."""
+
+    imm: frozenset[str] | None = frozenset()
+    event: frozenset[str] | None = frozenset()
+
+    def __or__(self, other: Reads) -> Reads:
+        return Reads(_union(self.imm, other.imm), _union(self.event, other.event))
+
+
+def _union(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    return None if a is None or b is None else a | b
+
+
+EVERYTHING = Reads(None, None)
+_RESERVED = ("imm", "event")
+
+
+def root_reads(parsed: dict[str, Any]) -> Reads:
+    """What one parsed expression reads of ``imm`` and ``event``. Only ``imm.<key>…`` paths read part of
+    a document; reading it any other way (``keys(imm)``, ``imm.*``) reads it whole, and reading the root
+    itself (``@``, ``*``) reads everything."""
+    keys: dict[str, set[str]] = {name: set() for name in _RESERVED}
+    heads = dict.fromkeys(_RESERVED, 0)  # the document's name read from the root, and as a path's head
+    paths = dict.fromkeys(_RESERVED, 0)
+    for node, _, on_root in _nodes(parsed):
+        if not on_root:
+            continue
+        kind, children = node["type"], node["children"]
+        if kind in ("current", "identity"):
+            return EVERYTHING
+        if kind == "field" and node["value"] in heads:
+            heads[node["value"]] += 1
+        elif kind == "subexpression" and children[0]["type"] == "field" and children[1]["type"] == "field":
+            name = children[0]["value"]
+            if name in paths:
+                keys[name].add(children[1]["value"])
+                paths[name] += 1
+    imm, event = (frozenset(keys[name]) if heads[name] == paths[name] else None for name in _RESERVED)
+    return Reads(imm, event)
+
+
 @dataclass
 class _Plan:
     """The rules one event type can meet: always-evaluated ones, and per probed subject a table."""
 
     always: list[Rule]
     probes: list[tuple[Getter, Collect, list[Rule]]]  # the subject, its table, every rule in the table
+    reads: Reads = EVERYTHING  # what its rules read of ``imm`` and ``event``
 
     def candidates(self, root: dict[str, Any]) -> list[Rule]:
         found = list(self.always)
@@ -529,10 +574,12 @@ class RuleSet:
     _plans: dict[str, _Plan] = field(default_factory=dict)
     _probes: dict[int, list[Probe]] = field(default_factory=dict)
     _getters: dict[str, Getter] = field(default_factory=dict)
+    _reads: dict[int, Reads] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nodes: dict[str, dict[str, Any]] = {}
         self._probes = {id(r): rule_probes(r.expression.parsed, nodes) for r in self.rules}
+        self._reads = {id(r): root_reads(r.expression.parsed) for r in self.rules}
         self._getters = {subject: expr.compile_tree(node, RULE_FUNCTIONS) for subject, node in nodes.items()}
 
     def implied(self, rule: Rule) -> dict[tuple[str, ...], frozenset[str]]:
@@ -580,7 +627,16 @@ class RuleSet:
                 tables.append((self._getters[subject], collect, every))
             else:
                 tables.append((self._getters[within], _each(self._getters[subject], collect, every), every))
-        return _Plan(always, tables)
+        reads = Reads()
+        for rule in rules:
+            reads |= self._reads[id(rule)]
+        return _Plan(always, tables, reads)
+
+    def root_for(self, event: Event) -> dict[str, Any]:
+        """The rule root of ``event`` with as much of ``imm`` and ``event`` as its type's rules read (the
+        same answers as ``rule_root`` for them; what else reads the root takes ``rule_root``)."""
+        reads = self.plan(event.type).reads
+        return {**event.data, "imm": event.view_of(reads.imm), "event": event.event_doc(reads.event)}
 
     def match(self, event: Event, root: dict[str, Any]) -> list[Rule]:
         """Every rule whose types and condition match. A rule that errors does not match."""

@@ -11,11 +11,13 @@ import jmespath
 import pytest
 from jmespath.exceptions import JMESPathError
 
-from router.decode import decode_object
+from router.decode import decode, decode_object
+from router.embedded.demo import demo_records
 from router.engine import Engine, load
 from router.errors import ConfigError
 from router.expr import truthy
-from router.rules import JMESPATH_OPTIONS, _Substrings, rule_root
+from router.imm import VIEW_KEYS
+from router.rules import JMESPATH_OPTIONS, _Substrings, root_reads, rule_root
 
 CONFIG = """\
 rules_dir: rules
@@ -299,3 +301,67 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(make(tmp_path, text))
     assert "rule 'a'" in str(caught.value) and "rule 'b'" in str(caught.value)
+
+
+# Rule sets that read ``imm`` and ``event`` in every way: paths into them (built in part), the documents
+# whole (keys(), projections, pipes, to_string) and the root itself.
+READING_STYLES = [
+    ["imm.outcome == 'failed'", "imm.moderation.suggestion == 'block'", "event.type == 'imm:Task:MediaConvert'"],
+    ["imm.uris[0] != null && event.id != null", "imm.failure_reasons[0]", "imm.project == null && imm.nope == null"],
+    ["event.wire_format == 'mns'", "event.aliyunregionid == 'cn-hangzhou'", "not_null(imm.error_code, event.time)"],
+    ["length(keys(imm)) > `3` && imm.failed"],
+    ["imm.*[0] != null", "length(imm | failed_files) > `0`"],
+    ["to_string(event) != '' && imm.failed", "contains(keys(event), 'aliyunaccountid')"],
+    ["length(@) > `5` && imm.failed", "*.suggestion | [0] == 'block'"],
+]
+
+
+@pytest.mark.parametrize("whens", READING_STYLES)
+def test_rules_meet_the_same_events_on_the_root_built_for_them(tmp_path: Path, whens: list[str]) -> None:
+    """The rule root is built with only what its rules read of ``imm`` and ``event``: every rule matches
+    exactly the seed events it matches on the whole root (plain jmespath as the reference)."""
+    engine = load(make(tmp_path, "rules:\n" + "".join(rule(f"r{i}", w) for i, w in enumerate(whens))))
+    references = [(r.name, jmespath.compile(r.spec.when)) for r in engine.rules.rules]
+    matched = 0
+    for label, value, headers in demo_records():
+        if label == "poison record":
+            continue
+        ev = decode(value, headers)
+        whole = rule_root(ev)
+        expected = [name for name, ref in references if truthy(ref.search(whole, options=JMESPATH_OPTIONS))]
+        partial = decode(value, headers)  # its view not built yet
+        assert [r.name for r in engine.rules.match(partial, engine.rules.root_for(partial))] == expected, ev.id
+        matched += bool(expected)
+    assert matched > 3
+
+
+def test_the_root_holds_only_what_the_rules_read(tmp_path: Path) -> None:
+    whens = ["imm.outcome == 'failed' && event.type != 'x'", "imm.moderation.suggestion == 'block'"]
+    engine = load(make(tmp_path, "rules:\n" + "".join(rule(f"r{i}", w) for i, w in enumerate(whens))))
+    ev = event({"Status": "Failed", "ProjectName": "p"})
+    root = engine.rules.root_for(ev)
+    assert root["imm"] == {"outcome": "failed", "moderation": None} and root["event"] == {"type": ev.type}
+    assert root["ProjectName"] == "p"
+    # What reads the whole root (templates, group keys) gets it whole.
+    assert engine.route(ev).root == rule_root(ev) and set(rule_root(ev)["imm"]) == VIEW_KEYS
+
+
+@pytest.mark.parametrize(
+    ("when", "imm", "event_keys"),
+    [
+        ("imm.outcome == 'failed'", {"outcome"}, set()),
+        ("imm.moderation.suggestion == 'block' && event.type == 'x'", {"moderation"}, {"type"}),
+        ("length(Files[?imm.outcome]) > `0`", set(), set()),  # inside a filter: an element's field
+        ("keys(imm)", None, set()),
+        ("imm.*", None, set()),
+        ("imm | outcome", None, set()),
+        ("event.id && to_string(event)", set(), None),
+        ("@.imm.outcome", None, None),
+        ("length(@) > `1`", None, None),
+        ("data.imm.outcome", set(), set()),  # a payload field's own key
+    ],
+)
+def test_root_reads(when: str, imm: set[str] | None, event_keys: set[str] | None) -> None:
+    reads = root_reads(jmespath.compile(when).parsed)
+    assert reads.imm == (None if imm is None else frozenset(imm))
+    assert reads.event == (None if event_keys is None else frozenset(event_keys))
