@@ -6,10 +6,11 @@ Every key is always present (``None`` / ``[]`` when the payload lacks it). See R
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 # Event types as EventBridge names them; the MNS document names some tasks differently.
 TASK_ALIASES = {
@@ -64,6 +65,7 @@ _FILE_ERROR_CODE = re.compile(r"^\[([A-Za-z0-9_.]+)\]")
 _REGION = re.compile(r"^acs[.:]imm:([a-z0-9-]+):")
 
 
+@functools.lru_cache(maxsize=1024)  # one call per event, over a handful of names
 def canonical_task(task_type: str) -> str:
     """``TaskTypeFigureClustering`` / ``TaskImageModeration`` / ``FaceClustering`` → EventBridge's name."""
     name = task_type
@@ -216,6 +218,15 @@ class _once(Generic[T]):  # a decorator, named like one
         return value
 
 
+class _Failure(NamedTuple):
+    files: list[dict[str, Any]]
+    targets: list[dict[str, Any]]
+    bad_files: list[dict[str, Any]]  # those with an Error
+    bad_targets: list[dict[str, Any]]  # those with a Code other than "" or "200"
+    reasons: list[str]
+    outcome: str
+
+
 class _Facts:
     """What several view keys of one payload read (its files, failure reasons, times…), each worked out
     when a key first needs it: a rule usually reads one or two keys of the view, never all."""
@@ -224,28 +235,13 @@ class _Facts:
         self.data, self.envelope, self.event_type = data, envelope, event_type
 
     @_once
-    def files(self) -> list[dict[str, Any]]:
-        return _dicts(self.data.get("Files"))
-
-    @_once
-    def targets(self) -> list[dict[str, Any]]:
-        return _dicts(self.data.get("Targets"))
-
-    @_once
-    def bad_files(self) -> list[dict[str, Any]]:
-        return [f for f in self.files if _str(f.get("Error"))]
-
-    @_once
-    def bad_targets(self) -> list[dict[str, Any]]:
-        return [t for t in self.targets if _bad_code(t.get("Code"))]
-
-    @_once
-    def reasons(self) -> list[str]:
-        return failure_reasons(self.data, len(self.bad_files), len(self.bad_targets))
-
-    @_once
-    def outcome(self) -> str:
-        return outcome(self.data, self.reasons)
+    def failure(self) -> _Failure:
+        data = self.data
+        files, targets = _dicts(data.get("Files")), _dicts(data.get("Targets"))
+        bad_files = [f for f in files if _str(f.get("Error"))] if files else files
+        bad_targets = [t for t in targets if _bad_code(t.get("Code"))] if targets else targets
+        reasons = failure_reasons(data, len(bad_files), len(bad_targets))
+        return _Failure(files, targets, bad_files, bad_targets, reasons, outcome(data, reasons))
 
     @_once
     def times(self) -> tuple[datetime | None, datetime | None]:
@@ -262,11 +258,12 @@ class _Facts:
 
     @_once
     def error(self) -> tuple[str | None, str | None]:
-        return _error(self.data, self.bad_files, self.bad_targets) if self.reasons else (None, None)
+        failure = self.failure
+        return _error(self.data, failure.bad_files, failure.bad_targets) if failure.reasons else (None, None)
 
     @_once
     def uris(self) -> list[str]:
-        return _uris(self.data, self.files, self.targets)
+        return _uris(self.data, self.failure.files, self.failure.targets)
 
     def moderation(self) -> dict[str, Any] | None:
         data = self.data
@@ -292,33 +289,21 @@ class _Facts:
         return (end - start).total_seconds() if start and end else None
 
 
-def _either(*keys: str) -> Callable[[_Facts], str | None]:
-    def first(facts: _Facts) -> str | None:
-        data = facts.data
-        for key in keys:
-            value = _str(data.get(key))
-            if value:
-                return value
-        return None
-
-    return first
-
-
 def _iso_or_none(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
 # Each key of the view, in its order, from the payload's facts.
 _VIEW: dict[str, Callable[[_Facts], Any]] = {
-    "outcome": lambda f: f.outcome,
-    "failed": lambda f: f.outcome == "failed",
-    "failure_reasons": lambda f: f.reasons,
-    "status": _either("Status", "State"),
-    "project": _either("ProjectName", "Project"),
-    "dataset": _either("DatasetName", "Dataset"),
-    "task_id": _either("TaskId", "Id", "JobId"),
+    "outcome": lambda f: f.failure.outcome,
+    "failed": lambda f: f.failure.outcome == "failed",
+    "failure_reasons": lambda f: f.failure.reasons,
+    "status": lambda f: _str(f.data.get("Status")) or _str(f.data.get("State")),
+    "project": lambda f: _str(f.data.get("ProjectName")) or _str(f.data.get("Project")),
+    "dataset": lambda f: _str(f.data.get("DatasetName")) or _str(f.data.get("Dataset")),
+    "task_id": lambda f: _str(f.data.get("TaskId")) or _str(f.data.get("Id")) or _str(f.data.get("JobId")),
     "task_type": lambda f: f.task_type,
-    "request_id": _either("RequestId"),
+    "request_id": lambda f: _str(f.data.get("RequestId")),
     "start_time": lambda f: _iso_or_none(f.times[0]),
     "end_time": lambda f: _iso_or_none(f.times[1]),
     "duration_seconds": _Facts.duration,
@@ -326,10 +311,10 @@ _VIEW: dict[str, Callable[[_Facts], Any]] = {
     "uris": lambda f: f.uris,
     "error_code": lambda f: f.error[0],
     "error_message": lambda f: f.error[1],
-    "failed_files": lambda f: [{"uri": _str(x.get("URI")), "error": _str(x.get("Error"))} for x in f.bad_files],
+    "failed_files": lambda f: [{"uri": _str(x.get("URI")), "error": _str(x.get("Error"))} for x in f.failure.bad_files],
     "moderation": _Facts.moderation,
-    "user_data": _either("UserData"),
-    "event_source_id": _either("EventSourceId"),
+    "user_data": lambda f: _str(f.data.get("UserData")),
+    "event_source_id": lambda f: _str(f.data.get("EventSourceId")),
     "region": _Facts.region,
 }
 
