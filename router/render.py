@@ -111,13 +111,26 @@ def compact(value: Any, items: int = 20, chars: int = 2000) -> Any:
     alert that carries it stays small whatever the event holds (a 1 MB event is not a 1 MB alert)."""
     if isinstance(value, str):
         return value if len(value) <= chars else clip(value, chars)
-    if isinstance(value, dict):  # before the Mapping test, which is slow for the common case
-        return {key: compact(item, items, chars) for key, item in value.items()}
+    # Most of what an alert holds is numbers and short strings: those are kept without a call.
     if isinstance(value, list | tuple):
-        return [compact(item, items, chars) for item in value[:items]]
-    if isinstance(value, Mapping):
-        return {key: compact(item, items, chars) for key, item in value.items()}
+        return [
+            item
+            if (kind := type(item)) in _PLAIN or (kind is str and len(item) <= chars)
+            else compact(item, items, chars)
+            for item in value[:items]
+        ]
+    if isinstance(value, dict) or isinstance(value, Mapping):  # noqa: SIM101 - the ABC test is slow for a dict
+        return {
+            key: item
+            if (kind := type(item)) in _PLAIN or (kind is str and len(item) <= chars)
+            else compact(item, items, chars)
+            for key, item in value.items()
+        }
     return value
+
+
+# What compact keeps as it is.
+_PLAIN = frozenset({int, float, bool, type(None)})
 
 
 class BudgetExceeded(RenderError):
@@ -291,7 +304,11 @@ class TemplateSet:
         while current is not None:
             if len(chain) > 20 or current in (t.name for t in chain):
                 raise ConfigError("templates extend each other in a loop; break the cycle", path=str(self.dir / name))
-            chain.append(env.get_template(current))
+            template = env.get_template(current)
+            # Jinja keeps a template's globals as a ChainMap over the environment's, and copies it key by
+            # key into every render's context; the environment's are set by now, so a plain dict will do.
+            template.globals = dict(template.globals)
+            chain.append(template)
             source = env.loader.get_source(env, current)[0] if env.loader else ""
             ast = self._ast[current] = env.parse(source)
             extends = list(ast.find_all(nodes.Extends))
@@ -401,7 +418,7 @@ class TemplateSet:
             tb = tb.tb_next
         return found
 
-    def render_parts(self, name: str, wanted: tuple[str, ...], context: Mapping[str, Any]) -> dict[str, str]:
+    def render_parts(self, name: str, wanted: tuple[str, ...], context: dict[str, Any]) -> dict[str, str]:
         """Render the named blocks that the template defines, within one time and output budget."""
         parts: dict[str, str] = {}
         contexts: dict[bool, Context] = {}
@@ -438,9 +455,9 @@ class TemplateSet:
         return parts
 
     @staticmethod
-    def _context(chain: list[Template], variables: Mapping[str, Any]) -> Context:
+    def _context(chain: list[Template], variables: dict[str, Any]) -> Context:
         """A render context whose block stacks span the whole ``extends`` chain (for super/self)."""
-        context = chain[0].new_context(dict(variables))
+        context = chain[0].new_context(variables)  # copies them (with the globals)
         for ancestor in chain[1:]:
             for block, render in ancestor.blocks.items():
                 context.blocks.setdefault(block, []).append(render)
