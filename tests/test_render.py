@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import orjson
 import pytest
@@ -14,7 +15,7 @@ from router.channels.email import EmailConfig
 from router.channels.registry import scrubber
 from router.config import KafkaSettings
 from router.errors import RenderError
-from router.render import TemplateSet, clip, humanize_duration, oss_console_url
+from router.render import TemplateSet, clip, compact, humanize_duration, oss_console_url
 
 META = PayloadMeta(event_id="ev-1", rule="r1")
 
@@ -197,3 +198,29 @@ def test_a_dingtalk_button_only_ever_points_at_http(url: str) -> None:
         {"title": "T", "text": "b", "button_title": "Open", "button_url": url}, META
     )
     assert card["msgtype"] == "markdown" and "actionCard" not in card
+
+
+def test_compact_cuts_every_list_and_string_at_any_depth_and_keeps_the_rest() -> None:
+    value = {
+        "n": 1,
+        "f": 1.5,
+        "b": True,
+        "none": None,
+        "short": "abc",
+        "long": "x" * 10,
+        "list": list(range(5)),
+        "nested": [["y" * 10, [1, 2, 3, 4]], {"deep": ("z" * 10, 7, 8, 9)}],
+        "mapping": MappingProxyType({"k": "w" * 10}),
+    }
+    assert compact(value, items=3, chars=5) == {
+        "n": 1,
+        "f": 1.5,
+        "b": True,
+        "none": None,
+        "short": "abc",
+        "long": "xxxx…",
+        "list": [0, 1, 2],
+        "nested": [["yyyy…", [1, 2, 3]], {"deep": ["zzzz…", 7, 8]}],
+        "mapping": {"k": "wwww…"},
+    }
+    assert compact("x" * 10, chars=5) == "xxxx…" and compact(7) == 7
