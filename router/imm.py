@@ -238,8 +238,8 @@ class _Facts:
     def failure(self) -> _Failure:
         data = self.data
         files, targets = _dicts(data.get("Files")), _dicts(data.get("Targets"))
-        bad_files = [f for f in files if _str(f.get("Error"))] if files else files
-        bad_targets = [t for t in targets if _bad_code(t.get("Code"))] if targets else targets
+        bad_files = [f for f in files if _str(f.get("Error"))]
+        bad_targets = [t for t in targets if _bad_code(t.get("Code"))]
         reasons = failure_reasons(data, len(bad_files), len(bad_targets))
         return _Failure(files, targets, bad_files, bad_targets, reasons, outcome(data, reasons))
 

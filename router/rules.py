@@ -548,7 +548,7 @@ class _Plan:
 
     always: list[Rule]
     probes: list[tuple[Getter, Collect, list[Rule]]]  # the subject, its table, every rule in the table
-    reads: Reads = EVERYTHING  # what its rules read of ``imm`` and ``event``
+    reads: Reads  # what its rules read of ``imm`` and ``event``
 
     def candidates(self, root: dict[str, Any]) -> list[Rule]:
         found = list(self.always)
@@ -635,8 +635,7 @@ class RuleSet:
     def root_for(self, event: Event) -> dict[str, Any]:
         """The rule root of ``event`` with as much of ``imm`` and ``event`` as its type's rules read (the
         same answers as ``rule_root`` for them; what else reads the root takes ``rule_root``)."""
-        reads = self.plan(event.type).reads
-        return {**event.data, "imm": event.view_of(reads.imm), "event": event.event_doc(reads.event)}
+        return rule_root(event, self.plan(event.type).reads)
 
     def match(self, event: Event, root: dict[str, Any]) -> list[Rule]:
         """Every rule whose types and condition match. A rule that errors does not match."""
@@ -661,9 +660,10 @@ class RuleSet:
         return matched
 
 
-def rule_root(event: Event) -> dict[str, Any]:
-    """The document a rule's ``when`` sees: the IMM payload plus the reserved keys ``imm`` and ``event``."""
-    return {**event.data, "imm": event.view, "event": event.event_doc()}
+def rule_root(event: Event, reads: Reads = EVERYTHING) -> dict[str, Any]:
+    """The document a rule's ``when`` sees: the IMM payload plus the reserved keys ``imm`` and ``event``,
+    those two with only what ``reads`` names (by default all of them)."""
+    return {**event.data, "imm": event.view_of(reads.imm), "event": event.event_doc(reads.event)}
 
 
 # --- loading ----------------------------------------------------------------------------------
