@@ -423,6 +423,13 @@ async def test_tansu_stop_leaves_no_process(tmp_path: Path) -> None:
         os.kill(pid, 0)
 
 
+async def test_ctrl_c_in_a_terminal_does_not_reach_the_broker(tansu: TansuBroker) -> None:
+    """A terminal's Ctrl-C signals its whole foreground process group; the broker is in a group of its own,
+    so the demo can still read its summary from it after Ctrl-C, and stops it itself."""
+    assert tansu.pid is not None
+    assert os.getpgid(tansu.pid) != os.getpgid(0)
+
+
 async def test_tansu_s3_storage_survives_restart(
     moto_s3: MotoS3, tansu_factory: Callable[..., Awaitable[TansuBroker]]
 ) -> None:

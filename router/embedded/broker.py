@@ -73,6 +73,9 @@ class _Child(Served):
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
                 preexec_fn=_PRE_EXEC,
+                # Out of the terminal's process group: Ctrl-C reaches only us, and we stop the child after
+                # what still needs it (the demo reads its summary from the broker); parent death kills it.
+                start_new_session=True,
             )
         _LIVE.add(self._proc)
 
