@@ -37,6 +37,7 @@ from router.engine import Engine, RouteResult, load
 from router.errors import ConfigError, DecodeError
 from router.metrics import Metrics
 from router.ops import OpsServer, Watcher, secret_values, setup_logging
+from router.partitioner import default_partition
 from router.sources.kafka import (
     MAX_BACKOFF,
     Bounds,
@@ -190,7 +191,9 @@ class Service:
             options = kafka.client_options()
             # Handoffs carry the event and its rendered notification (a few KB): aiokafka's 16 KB default
             # batch would hold three of them and cap the whole router at a few hundred a second.
-            producer = AIOKafkaProducer(acks="all", linger_ms=2, max_batch_size=1_048_576, **options)
+            producer = AIOKafkaProducer(
+                acks="all", linger_ms=2, max_batch_size=1_048_576, partitioner=default_partition, **options
+            )
             started: list[Any] = [producer]
             try:
                 await producer.start()

@@ -13,6 +13,7 @@ from pydantic import Field
 from router.channels.base import ChannelConfigBase, PayloadMeta, Scrubber
 from router.errors import DeliveryError, RenderError
 from router.notification import Notification
+from router.partitioner import default_partition
 
 if TYPE_CHECKING:  # router.config imports this module
     from router.config import KafkaSettings
@@ -79,6 +80,7 @@ class KafkaChannel:
                     linger_ms=cfg.linger_ms,
                     # Alerts are ~1-2 KB: the 16 KB default batch caps a storm at a few hundred a second.
                     max_batch_size=cfg.max_batch_bytes,
+                    partitioner=default_partition,
                     request_timeout_ms=int(cfg.timeout_seconds * 1000),
                     **options,
                 )
@@ -101,7 +103,7 @@ class KafkaChannel:
     async def send(self, notification: Notification) -> None:
         payload = notification.payload
         try:
-            producer = await self._started()
+            producer = self._producer or await self._started()
             await producer.send_and_wait(
                 payload["topic"],
                 value=payload["value"].encode(),
