@@ -24,7 +24,7 @@ import orjson
 
 from router import jsoncodec
 from router.errors import DecodeError
-from router.imm import build_view, canonical_type, infer_type, parse_time
+from router.imm import Facts, build_view, canonical_type, infer_type, parse_time
 
 Headers = Iterable[tuple[str, bytes | None]]
 
@@ -52,18 +52,23 @@ class Event:
     # The normalized view rules and templates see as ``imm`` (see router/imm.py), built when first read:
     # most events meet no rule that reads it whole (see ``view_of``).
     _view: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # What a partial view worked out, kept for the whole view if the event matches a rule.
+    _facts: Facts | None = field(default=None, repr=False, compare=False)
 
     @property
     def view(self) -> dict[str, Any]:
         if self._view is None:
-            self._view = build_view(self.data, self.envelope, self.type)
+            self._view = build_view(self.data, self.envelope, self.type, facts=self._facts)
+            self._facts = None
         return self._view
 
     def view_of(self, keys: frozenset[str] | None) -> dict[str, Any]:
         """The view with only ``keys`` of it (None: all), for rules that read nothing else of it."""
         if keys is None or self._view is not None:
             return self.view
-        return build_view(self.data, self.envelope, self.type, keys)
+        if self._facts is None:
+            self._facts = Facts(self.data, self.envelope, self.type)
+        return build_view(self.data, self.envelope, self.type, keys, self._facts)
 
     def event_doc(self, keys: frozenset[str] | None = None) -> dict[str, Any]:
         """What rules and templates see as ``event``: the envelope plus normalized attributes; with

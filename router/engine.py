@@ -443,7 +443,7 @@ def _fitted(
         else:
             node[path[-1]] = min(values)
     data = {k: v for k, v in fitted.items() if k not in ("imm", "event")}
-    return replace(event, data=data, _view=fitted["imm"]), fitted
+    return replace(event, data=data, _view=fitted["imm"], _facts=None), fitted
 
 
 def _at(config_path: Path | None, loc: tuple[int | str, ...], message: str) -> str:

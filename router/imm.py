@@ -227,7 +227,7 @@ class _Failure(NamedTuple):
     outcome: str
 
 
-class _Facts:
+class Facts:
     """What several view keys of one payload read (its files, failure reasons, times…), each worked out
     when a key first needs it: a rule usually reads one or two keys of the view, never all."""
 
@@ -294,7 +294,7 @@ def _iso_or_none(value: datetime | None) -> str | None:
 
 
 # Each key of the view, in its order, from the payload's facts.
-_VIEW: dict[str, Callable[[_Facts], Any]] = {
+_VIEW: dict[str, Callable[[Facts], Any]] = {
     "outcome": lambda f: f.failure.outcome,
     "failed": lambda f: f.failure.outcome == "failed",
     "failure_reasons": lambda f: f.failure.reasons,
@@ -306,27 +306,32 @@ _VIEW: dict[str, Callable[[_Facts], Any]] = {
     "request_id": lambda f: _str(f.data.get("RequestId")),
     "start_time": lambda f: _iso_or_none(f.times[0]),
     "end_time": lambda f: _iso_or_none(f.times[1]),
-    "duration_seconds": _Facts.duration,
+    "duration_seconds": Facts.duration,
     "uri": lambda f: f.uris[0] if f.uris else None,
     "uris": lambda f: f.uris,
     "error_code": lambda f: f.error[0],
     "error_message": lambda f: f.error[1],
     "failed_files": lambda f: [{"uri": _str(x.get("URI")), "error": _str(x.get("Error"))} for x in f.failure.bad_files],
-    "moderation": _Facts.moderation,
+    "moderation": Facts.moderation,
     "user_data": lambda f: _str(f.data.get("UserData")),
     "event_source_id": lambda f: _str(f.data.get("EventSourceId")),
-    "region": _Facts.region,
+    "region": Facts.region,
 }
 
 
 def build_view(
-    data: dict[str, Any], envelope: dict[str, Any], event_type: str, keys: Iterable[str] | None = None
+    data: dict[str, Any],
+    envelope: dict[str, Any],
+    event_type: str,
+    keys: Iterable[str] | None = None,
+    facts: Facts | None = None,
 ) -> dict[str, Any]:
     """The view of a payload; with ``keys``, only those of them that are view keys (what rules that read
-    only ``imm.<key>`` paths need: the same values, without the work of the rest)."""
+    only ``imm.<key>`` paths need: the same values, without the work of the rest). ``facts``: this
+    payload's, when an earlier partial view worked some of them out already."""
     if event_type in ALERTMANAGER_TYPES:
         return _alert_view(data)
-    facts = _Facts(data, envelope, event_type)
+    facts = facts or Facts(data, envelope, event_type)
     if keys is None:
         return {key: build(facts) for key, build in _VIEW.items()}
     return {key: _VIEW[key](facts) for key in keys if key in _VIEW}

@@ -211,6 +211,9 @@ class _WithBudget(NodeTransformer):
         return nodes.Filter(node, "_text_budget", [], [], None, None, lineno=node.lineno)
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
 class _BudgetedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+"})
     # Bits a ``**`` result may have (a 30,000-digit number): 2 ** (10**9) would take minutes to compute.
@@ -220,6 +223,17 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
         tree = super()._parse(source, name, filename)
         transformed: nodes.Template = _WithBudget().visit(tree)
         return transformed
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # ``imm.uris``: Jinja tries the attribute first and catches an AttributeError for every lookup in
+        # a dict. A dict has an attribute only where the dict type has one, so elsewhere the item is the
+        # same answer, without the exception.
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         budget = _Budget.active()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -224,3 +225,41 @@ def test_compact_cuts_every_list_and_string_at_any_depth_and_keeps_the_rest() ->
         "mapping": {"k": "wwww…"},
     }
     assert compact("x" * 10, chars=5) == "xxxx…" and compact(7) == 7
+
+
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        "d.uris",
+        "d['uris']",
+        "d.missing is undefined",
+        "d.keys",
+        "d['keys']",
+        "d.items() | list",
+        "d.get('uris')",
+        "d.__class__",
+        "d.__len__",
+        "d.mro",
+        "d.nested.deep",
+        "d.nested.items",
+        "d.update",
+    ],
+)
+def test_a_dict_lookup_gives_what_jinjas_own_sandbox_gives(tmp_path: Path, lookup: str) -> None:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    context = {"d": {"uris": ["oss://b/f"], "keys": "k", "nested": {"deep": 1, "items": "i"}, "n": None}}
+    source = "{% block text %}{{ " + lookup + " }}{% endblock %}"
+
+    def outcome(render: Callable[[], str]) -> str:
+        try:
+            return render()
+        except Exception as exc:  # ours wraps Jinja's errors in RenderError: compare whether it failed, and why
+            return "error: unsafe" if "unsafe" in str(exc) else "error"
+
+    ours = outcome(lambda: templates(tmp_path, {"t.j2": source}).render_parts("t.j2", ("text",), context)["text"])
+    jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined).from_string(source)
+    theirs = outcome(lambda: jinja.render(context))
+    # Bound methods print their object's address: compare what they are, not where.
+    assert ours.split(" at 0x")[0] == theirs.split(" at 0x")[0]
