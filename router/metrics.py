@@ -73,6 +73,11 @@ class Metrics:
         self.handoffs = Counter(
             "imm_router_notifications_handed_off", "Notifications produced to the notifications topic", registry=r
         )
+        self.handoffs_taken = Counter(
+            "imm_router_notifications_taken_locally",
+            "Handed-off notifications this replica owned and handled at once, without reading them back",
+            registry=r,
+        )
         self.owned_partitions = Gauge(
             "imm_router_owned_partitions", "Partitions of the notifications topic this replica owns", registry=r
         )

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 
 from router import jsoncodec
 from router.alerting.handoff import Handoff, SourceRecord
@@ -97,6 +98,7 @@ class Routed:
 
     record: Any
     sends: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
+    handoffs: list[Handoff | None] = field(default_factory=list)  # what each send carries, if a handoff
     inhibits: list[str] = field(default_factory=list)  # inhibiting-source keys
     dead_letters: list[tuple[str, dict[str, str | None]]] = field(default_factory=list)  # (reason, extra)
     seen: float = field(default_factory=time.time)
@@ -355,6 +357,7 @@ class Service:
             assert self.producer is not None
             messages: list[tuple[str, bytes, bytes]] = []
             owners: list[Routed] = []  # the record each message is for
+            handoffs: list[Handoff | None] = []
             for r in routed:
                 for reason, extra in r.dead_letters:
                     await self._dead_letter(r.record, reason, **extra)
@@ -362,15 +365,19 @@ class Service:
                     self.inhibitions.add(key, r.seen)  # here at once; other replicas within a fetch
                 messages += r.sends
                 owners += [r] * len(r.sends)
-            refused = await produce_all(self.producer, messages)
+                handoffs += r.handoffs
+            results = await produce_all(self.producer, messages)
             # A hand-off over the size limit can never reach its owner: its source record goes to the
             # dead-letter topic instead (once, whatever else it made), and the rest of the batch goes on.
-            too_large = {id(r): (r, err) for r, err in zip(owners, refused, strict=True) if err is not None}
+            too_large = {id(r): (r, res) for r, res in zip(owners, results, strict=True) if isinstance(res, Exception)}
             for r, err in too_large.values():
                 await self._dead_letter(r.record, f"handoff too large to produce: {err}")
-            notifications = engine.settings.kafka.notifications_topic
-            sent = [t == notifications and err is None for (t, _, _), err in zip(messages, refused, strict=True)]
-            self.metrics.handoffs.inc(sum(sent))
+            sent = 0
+            for handoff, result in zip(handoffs, results, strict=True):
+                if handoff is not None and isinstance(result, RecordMetadata):
+                    sent += 1
+                    self._take(handoff, result)
+            self.metrics.handoffs.inc(sent)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the batch, nor hold its partition's commits forever
@@ -426,8 +433,9 @@ class Service:
             record.timestamp,
         )
         for n in result.notifications:
-            value = Handoff(n, result.root, routed.seen, source).encode()
-            routed.sends.append((kafka.notifications_topic, n.channel.encode(), value))
+            handoff = Handoff(n, result.root, routed.seen, source)
+            routed.sends.append((kafka.notifications_topic, n.channel.encode(), handoff.encode()))
+            routed.handoffs.append(handoff)
         event_id = result.notifications[0].event_id if result.notifications else source.where
         for rule in result.matched:
             for index in engine.inhibit_sources.get(rule, ()):
@@ -436,11 +444,21 @@ class Service:
                 routed.inhibits.append(key)
                 value = InhibitionLog.record(key, routed.seen, event_id)
                 routed.sends.append((kafka.inhibitions_topic, key.encode(), value))
+                routed.handoffs.append(None)
+
+    def _take(self, handoff: Handoff, written: RecordMetadata) -> None:
+        """A handoff just written to a notifications partition this replica owns goes to its notify stage
+        at once, not after a fetch brings it back (one broker round trip less, and no decoding); the
+        stage skips it when it comes. Committed, and taken over after a crash, as any handoff."""
+        if self.notify is None or self.manager is None or written.partition not in self.manager.partitions:
+            return
+        tp = TopicPartition(written.topic, written.partition)
+        if self.notify.take(tp, written.offset, lambda settle: self._accept(tp, handoff, settle)):
+            self.metrics.handoffs_taken.inc()
 
     # --- notify stage: one handoff ----------------------------------------------------------------
 
     async def _notify_record(self, tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
-        assert self.manager is not None
         try:
             handoff = Handoff.decode(record.value, where=f"{tp.topic}/{tp.partition}@{record.offset}")
         except DecodeError as exc:
@@ -448,6 +466,10 @@ class Service:
             await self._dead_letter(record, f"handoff: {exc.reason}")
             settle()
             return
+        await self._accept(tp, handoff, settle)
+
+    async def _accept(self, tp: TopicPartition, handoff: Handoff, settle: Callable[[], None]) -> None:
+        assert self.manager is not None
         try:
             await self.manager.accept(tp.partition, handoff, settle)
         except asyncio.CancelledError:

@@ -529,6 +529,97 @@ def test_partition_tracker_commits_only_below_the_lowest_unsettled_offset() -> N
     assert tracker.next_commit == 15 and tracker.in_flight == 0
 
 
+async def test_handoffs_to_a_channel_this_replica_owns_are_taken_at_once_and_committed(
+    tansu: TansuBroker, unique_topic, tmp_path: Path
+) -> None:
+    """One replica owns every channel: its handoffs go straight to its notify stage (no read back), each
+    alert is delivered once, and the notify group commits past them, so a restart sends nothing again.
+    Duplicate suppression is off: a handoff handled twice would show as a second alert."""
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = config(
+        tmp_path,
+        tansu.bootstrap_servers,
+        topic,
+        rules_dir=kafka_only_rules(tmp_path),
+        channels={"alerts": {"type": "kafka", "topic": alerts}},
+        service={"dedup_ttl_seconds": 0},
+    )
+    count = 200
+    async with running(path) as service:
+        await wait_until(lambda: len(service.owned_partitions) == 4, what="the notify stage owning its partitions")
+        for batch in range(4):  # in several fetches, so that most handoffs find the consumer caught up
+            await produce(tansu.bootstrap_servers, topic, [(failed_task(f"t-{batch}-{i}"), []) for i in range(50)])
+            done = 50 * (batch + 1)
+            await wait_until(lambda done=done: service.metrics.handoffs._value.get() == done and service.idle)
+        taken = service.metrics.handoffs_taken._value.get()
+        notify_group = f"{topic}-group-notify"
+        await wait_until(
+            lambda: service.notify is not None and service.notify.committed == count, what="notify commits"
+        )
+    delivered = await consume(tansu.bootstrap_servers, alerts, count)
+    ids = [json.loads(r.value)["imm"]["task_id"] for r in delivered]
+    assert len(ids) == len(set(ids)) == count
+    # Not all: the first of each partition (where its consumer stands is known once it has fetched), and any
+    # a fetch brought back before the broker acknowledged writing it (then it is handled as fetched).
+    assert count // 2 <= taken < count
+    assert await committed(tansu.bootstrap_servers, notify_group, f"{topic}-notifications") == count
+    async with running(path) as again:  # a handoff read again would come before this one's alert
+        await produce(tansu.bootstrap_servers, topic, [(failed_task("after-restart"), [])])
+        await consume_until(
+            tansu.bootstrap_servers, alerts, lambda rs: b"after-restart" in rs[-1].value if rs else False, "the last"
+        )
+        await wait_until(lambda: again.idle, what="the restarted router settled")
+    assert len(await read_topic({"bootstrap_servers": tansu.bootstrap_servers}, alerts)) == count + 1
+
+
+async def test_a_record_taken_before_it_is_fetched_is_handled_once_and_commits_in_order() -> None:
+    """ConsumerStage.take: the routing stage gives the notify stage a handoff it has just written, before
+    the consumer fetches it back. Taken only when every record before it has come; skipped when fetched;
+    the commit point still never passes an unsettled record."""
+    from router.metrics import Metrics
+    from router.sources.kafka import Bounds, ConsumerStage
+
+    class Record:
+        def __init__(self, offset: int) -> None:
+            self.offset = offset
+
+    handled: list[int] = []
+    settles: dict[int, Callable[[], None]] = {}
+
+    def handle(offset: int) -> Callable[[Callable[[], None]], Any]:
+        async def go(settle: Callable[[], None]) -> None:
+            handled.append(offset)
+            settles[offset] = settle
+
+        return go
+
+    async def fetched(tp: TopicPartition, record: Any, settle: Callable[[], None]) -> None:
+        raise AssertionError("not called here: the test plays the consumer loop's part with tracker.arrived")
+
+    stage = ConsumerStage("notify", None, Bounds(4, 10, 5.0, 100, 1.0), Metrics(), fetched)  # type: ignore[arg-type]
+    tp = TopicPartition("notifications", 0)
+    assert not stage.take(tp, 0, handle(0))  # nothing fetched yet: where the consumer stands is unknown
+    tracker = stage.trackers.setdefault(tp, PartitionTracker())
+    assert [r.offset for r in tracker.arrived([Record(0), Record(1)])] == [0, 1]
+    assert not stage.take(tp, 3, handle(3))  # offset 2 has not come: it must be handled first
+    assert stage.take(tp, 2, handle(2)) and not stage.take(tp, 2, handle(2))
+    assert not stage.take(tp, 4, handle(4))  # 4 is not next (3 is)
+    assert stage.take(tp, 3, handle(3))
+    assert not stage.take(tp, 4, handle(4))  # 0-3 in flight: max_in_flight (4) reached, 4 waits to be fetched
+    await asyncio.gather(*stage.tasks)
+    assert handled == [2, 3]
+    fresh = tracker.arrived([Record(2), Record(3), Record(4)])  # the fetch brings the taken ones too
+    assert [r.offset for r in fresh] == [4] and not tracker.taken
+    for offset in (1, 0):
+        tracker.settle(offset)
+    assert tracker.next_commit == 2  # 2 is taken but not settled: the commit stops below it
+    settles[3]()
+    assert tracker.next_commit == 2
+    settles[2]()
+    tracker.settle(4)
+    assert tracker.next_commit == 5 and tracker.in_flight == 0 and not tracker.settled
+
+
 async def test_a_commit_still_in_flight_when_its_partition_is_revoked_ends_cleanly() -> None:
     """The broker-outage case from CI: the shutdown commit waits on the broker, a rebalance revokes the
     partition meanwhile, and the commit then returns for a partition the stage no longer tracks."""

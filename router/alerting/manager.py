@@ -48,6 +48,8 @@ Reason = Literal["silenced", "inhibited", "muted", "throttled", "duplicate"]
 
 
 class Silences(Protocol):
+    def __len__(self) -> int: ...  # silences known, active or not: with none, no alert's root need be read
+
     def silenced_by(self, root: dict[str, Any], rule: str, channel: str, now: datetime) -> Any: ...
 
 
@@ -70,7 +72,7 @@ def suppression(
     """Why this alert must not be sent at ``now`` (silenced, inhibited or muted), or None."""
     n = handoff.notification
     moment = datetime.fromtimestamp(now, UTC)
-    if silences is not None:
+    if silences:
         silence = silences.silenced_by(handoff.root, n.rule, n.channel, moment)
         if silence is not None:
             return "silenced", f"silence {silence.id} ({silence.match}) by {silence.author}: {silence.comment}"

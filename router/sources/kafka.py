@@ -25,6 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from aiokafka.structs import RecordMetadata
 
 from router.metrics import Metrics
 
@@ -53,6 +54,8 @@ def dead_letter_headers(
 
 # (partition, record, settle): the stage calls ``settle()`` once the record is done with, maybe later.
 Handler = Callable[[TopicPartition, Any, Callable[[], None]], Awaitable[None]]
+# (settle): handles one record, as Handler does, for ConsumerStage.take.
+Handle = Callable[[Callable[[], None]], Awaitable[None]]
 # (partition, records of one fetch, in offset order): every record is settled once the call returns.
 BatchHandler = Callable[[TopicPartition, list[Any]], Awaitable[None]]
 RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
@@ -68,9 +71,27 @@ class PartitionTracker:
     next_commit: int | None = None
     committed: int | None = None
     busy: int = 0  # handler calls still running (a settled record's may still be finishing)
+    expected: int | None = None  # the offset after the last one started
+    taken: set[int] = field(default_factory=set)  # started by ConsumerStage.take, not fetched yet
 
     def start(self, offset: int) -> None:
         self.order.append(offset)
+        self.expected = offset + 1
+
+    def arrived(self, records: list[Any]) -> list[Any]:
+        """Start fetched ``records``; those to handle now (the rest were taken before they came)."""
+        if not self.taken:
+            for record in records:
+                self.start(record.offset)
+            return records
+        fresh = []
+        for record in records:
+            if record.offset in self.taken:
+                self.taken.discard(record.offset)
+            else:
+                self.start(record.offset)
+                fresh.append(record)
+        return fresh
 
     def settle(self, offset: int) -> None:
         self.settled.add(offset)
@@ -156,13 +177,13 @@ class ConsumerStage:
                 continue
             for tp, records in batch.items():
                 tracker = self.trackers.setdefault(tp, PartitionTracker())
-                for record in records:
-                    tracker.start(record.offset)
+                fresh = tracker.arrived(records)
                 if self.batch_handler is not None:
-                    self._spawn(self._process_batch(tp, tracker, records))
+                    if fresh:
+                        self._spawn(self._process_batch(tp, tracker, fresh))
                 else:
-                    for record in records:
-                        self._spawn(self._process(tp, tracker, record))
+                    for record in fresh:
+                        self._spawn(self._process(tp, tracker, record.offset, self._handle(tp, record)))
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             self._backpressure()
             await self._maybe_commit()
@@ -184,21 +205,38 @@ class ConsumerStage:
             tracker.busy -= 1
             self._progress.set()
 
-    async def _process(self, tp: TopicPartition, tracker: PartitionTracker, record: Any) -> None:
+    def take(self, tp: TopicPartition, offset: int, handle: Handle) -> bool:
+        """Handle the record at ``offset`` of ``tp`` now, before it is fetched: one this process has just
+        written to a partition this stage consumes, so it need not wait for it to come back. Only if every
+        record before it has come already (records are still handled in offset order) and there is room;
+        False otherwise, and it is handled when fetched. A taken record is skipped when fetched."""
+        tracker = self.trackers.get(tp)
+        if tracker is None or tracker.expected != offset or self.in_flight >= self.bounds.max_in_flight:
+            return False
+        tracker.start(offset)
+        tracker.taken.add(offset)
+        self._spawn(self._process(tp, tracker, offset, handle))
+        return True
+
+    def _handle(self, tp: TopicPartition, record: Any) -> Handle:
         assert self.handler is not None
+        handler = self.handler
+        return lambda settle: handler(tp, record, settle)
+
+    async def _process(self, tp: TopicPartition, tracker: PartitionTracker, offset: int, handle: Handle) -> None:
         done = False
 
         def settle() -> None:
             nonlocal done
             if not done:
                 done = True
-                tracker.settle(record.offset)
+                tracker.settle(offset)
                 self._since_commit += 1
                 self._progress.set()
 
         tracker.busy += 1
         try:
-            await self.handler(tp, record, settle)
+            await handle(settle)
         finally:
             tracker.busy -= 1
             self._progress.set()
@@ -345,14 +383,13 @@ async def produce(
     value: bytes | None,
     headers: list[tuple[str, bytes]] | None = None,
     partition: int | None = None,
-) -> None:
+) -> RecordMetadata:
     """Produce and wait for the broker; retried with backoff until it succeeds (never lost, never skipped).
     Raises MessageSizeTooLargeError for a record over the size limit: no retry can send it."""
     backoff = 0.5
     while True:
         try:
-            await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
-            return
+            return await producer.send_and_wait(topic, value=value, key=key, headers=headers, partition=partition)
         except MessageSizeTooLargeError:
             raise
         except KafkaError as exc:
@@ -363,10 +400,11 @@ async def produce(
 
 async def produce_all(
     producer: AIOKafkaProducer, messages: Iterable[tuple[str, bytes | None, bytes | None]]
-) -> list[MessageSizeTooLargeError | None]:
+) -> list[RecordMetadata | MessageSizeTooLargeError]:
     """Produce many records and wait for the broker once: they batch together, in order per partition.
-    Any that fails is produced again by ``produce`` (with its retries) until it succeeds. Per message: None,
-    or the error of one over the size limit (never sent: the caller decides what becomes of it)."""
+    Any that fails is produced again by ``produce`` (with its retries) until it succeeds. Per message: where
+    it was written, or the error of one over the size limit (never sent: the caller decides what becomes
+    of it)."""
     messages = list(messages)
     queued: list[asyncio.Future[Any] | None] = []
     for topic, key, value in messages:
@@ -374,20 +412,20 @@ async def produce_all(
             queued.append(await producer.send(topic, value=value, key=key))
         except KafkaError:  # e.g. no metadata yet for the topic: left to produce's retries below
             queued.append(None)
-    refused: list[MessageSizeTooLargeError | None] = []
+    results: list[RecordMetadata | MessageSizeTooLargeError] = []
     for (topic, key, value), future in zip(messages, queued, strict=True):
-        refused.append(None)
         try:
             if future is not None:
                 try:
-                    await future  # all are in flight already: waiting in order costs no more than at once
+                    # All are in flight already: waiting in order costs no more than at once.
+                    results.append(await future)
                     continue
                 except KafkaError:
                     pass
-            await produce(producer, topic, key=key, value=value)
+            results.append(await produce(producer, topic, key=key, value=value))
         except MessageSizeTooLargeError as exc:
-            refused[-1] = exc
-    return refused
+            results.append(exc)
+    return results
 
 
 def where(record: Any) -> str:
