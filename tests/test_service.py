@@ -343,6 +343,34 @@ async def test_an_event_whose_handoff_is_over_the_size_limit_is_dead_lettered_an
     assert service.metrics.handoffs._value.get() == 1
 
 
+async def test_a_record_too_large_to_dead_letter_whole_goes_without_its_value_and_routing_goes_on(
+    tansu: TansuBroker, unique_topic, tmp_path: Path
+) -> None:
+    """An oversized record is dead-lettered; with the reason added it no longer fits the producer's 1 MB
+    limit. It used to raise out of the routing batch and hold its partition's commits for good."""
+    topic, alerts = unique_topic("events"), unique_topic("alerts")
+    path = kafka_router(tmp_path, tansu.bootstrap_servers, topic, alerts)
+    path.write_text(path.read_text().replace('"rules_dir"', '"max_event_bytes": 65536, "rules_dir"'))
+    huge = b'{"UserData": "' + b"x" * 1_048_500 + b'"}'
+    producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap_servers, max_request_size=2_000_000)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, huge, headers=[("trace", b"huge")])
+        await producer.send_and_wait(topic, failed_task("after-huge"))
+    finally:
+        await producer.stop()
+    async with running(path) as service:
+        (dead,) = await consume(tansu.bootstrap_servers, f"{topic}-dlq", 1)
+        assert await alert_ids(tansu.bootstrap_servers, alerts, {"after-huge"}) == ["after-huge"]
+        await wait_until(lambda: service.committed == 2, what="offsets committed past the huge record")
+    headers = dict(dead.headers)
+    assert dead.value == b"" and headers["trace"] == b"huge"
+    assert "over the 65536-byte limit" in headers["imm-dlq-reason"].decode()
+    dropped = headers["imm-dlq-value-dropped"].decode()
+    assert dropped.startswith(f"{len(huge)} bytes, over the producer's size limit")
+    assert f"the original is at {topic}/{headers['imm-dlq-partition'].decode()}@0 until" in dropped
+
+
 async def test_exhausted_delivery_is_dead_lettered_with_rule_and_channel(
     tansu: TansuBroker, unique_topic, tmp_path: Path, webhook: WebhookCapture
 ) -> None:

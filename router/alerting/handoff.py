@@ -6,9 +6,10 @@ evaluated by the owner, when it sends) and the source record itself, so that a n
 up by its owner is dead-lettered with the original key, value and headers, as if never handed over.
 
 Wire format (version 2): ``MAGIC``, the byte lengths of two JSON documents (big-endian u32 each), the
-notification with its source record's coordinates, the rule root, then the source record's value as it
-was. The owner parses the root only when something reads it (a silence, an inhibition, a group or
-throttle key): most alerts are sent without it. Version 1 (one JSON document, the value in base64) is
+notification with its source record's coordinates, the rule root (its ``imm``, the notification's view,
+written as null: it is in the first document already), then the source record's value as it was. The
+owner parses the root only when something reads it (a silence, an inhibition, a group or throttle
+key): most alerts are sent without it. Version 1 (one JSON document, the value in base64) is
 still read, so that alerts a previous version handed off, and held in groups, survive an upgrade.
 """
 
@@ -90,7 +91,10 @@ class Handoff:
     def root(self) -> dict[str, Any]:
         if self._root is None:
             try:
-                self._root = dict(jsoncodec.loads(self._root_json))
+                root = dict(jsoncodec.loads(self._root_json))
+                if "imm" in root and root["imm"] is None:  # written once, as the notification's view
+                    root["imm"] = self.notification.view
+                self._root = root
             except _MALFORMED as exc:
                 # Only a foreign writer can get here (the frame passed Kafka's CRC and its first document
                 # parsed): send the alert rather than lose it, with nothing for silences to match.
@@ -125,8 +129,15 @@ class Handoff:
             },
             option=orjson.OPT_NON_STR_KEYS,
         )
-        root = self._root_json if self._root is None else jsoncodec.dumps(self._root, option=orjson.OPT_NON_STR_KEYS)
+        root = self._root_json if self._root is None else self._encode_root()
         return b"".join((MAGIC, _LENGTHS.pack(len(head), len(root)), head, root, src.value or b""))
+
+    def _encode_root(self) -> bytes:
+        root = self._root
+        assert root is not None
+        if root.get("imm") is self.notification.view:
+            root = {**root, "imm": None}  # in the first document already, as the notification's view
+        return jsoncodec.dumps(root, option=orjson.OPT_NON_STR_KEYS)
 
     @classmethod
     def decode(cls, raw: bytes | None, *, where: str) -> Handoff:

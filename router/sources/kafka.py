@@ -367,9 +367,22 @@ class DeadLetters:
         offset: int,
         extra: Mapping[str, str | None],
     ) -> None:
-        """Produce to the dead-letter topic; retried until it succeeds (never lost, never skipped)."""
+        """Produce to the dead-letter topic; retried until it succeeds (never lost, never skipped). A record
+        that no longer fits once the reason is added (records over the size limit are what gets dead-lettered)
+        goes without its value, and a header that says so and where the original is."""
         headers = dead_letter_headers(original, reason, topic, partition, offset, **extra)
-        await produce(self.producer, self.topic, key=key, value=value, headers=headers)
+        if key is None and value is None:
+            value = b""  # other clients may write a record with neither; aiokafka cannot (the reason says empty)
+        try:
+            await produce(self.producer, self.topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError:
+            size = len(value or b"")
+            dropped = f"{size} bytes, over the producer's size limit with the reason added; the original is at "
+            dropped += f"{topic}/{partition}@{offset} until the topic's retention ends"
+            headers.append((DLQ_PREFIX + "value-dropped", dropped.encode()))
+            log.warning("dead-lettering %s/%s@%s without its value: %s", topic, partition, offset, dropped)
+            # Empty, not null: a record needs a key or a value (aiokafka refuses one with neither).
+            await produce(self.producer, self.topic, key=key, value=b"" if key is None else None, headers=headers)
         self.metrics.dead_letter_records.labels(reason.split(":", 1)[0]).inc()
         if extra.get("channel"):
             self.metrics.dead_lettered.labels(extra["channel"]).inc()
