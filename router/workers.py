@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -30,7 +31,10 @@ from router.engine import Engine
 
 log = logging.getLogger(__name__)
 
+RESTART_BACKOFF_FIRST = 1.0
 RESTART_BACKOFF_MAX = 30.0
+# A worker that ran this long before it died is restarted after the first delay again, not the last one.
+STABLE_SECONDS = 60.0
 # Not forwarded by the proxy: they describe one hop, not the message.
 HOP_HEADERS = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host"})
 
@@ -40,7 +44,16 @@ class Worker:
     index: int
     process: BaseProcess
     port_report: Connection
+    started: float  # monotonic seconds
     port: int | None = None
+
+
+def restart_delay(last: float | None, ran_for: float) -> float:
+    """The wait before restarting a worker that died after running ``ran_for`` seconds; ``last``: the wait
+    before it started (None: never restarted). It doubles while the worker keeps dying young."""
+    if last is None or ran_for >= STABLE_SECONDS:
+        return RESTART_BACKOFF_FIRST
+    return min(last * 2, RESTART_BACKOFF_MAX)
 
 
 def worker_main(config_path: Path, index: int, port_report: Connection) -> None:
@@ -91,29 +104,31 @@ class Supervisor:
         )
         process.start()
         send.close()  # the child holds its end
-        return Worker(index, process, receive)
+        return Worker(index, process, receive, started=time.monotonic())
 
     async def _watch(self) -> None:
         """Learn the workers' ports; restart a worker that died (with backoff) until told to stop."""
-        backoff = [1.0] * self.count
+        delays: list[float | None] = [None] * self.count
         while not self.stopping.is_set():
             for i, worker in enumerate(self.workers):
                 with contextlib.suppress(EOFError, OSError):
                     while worker.port_report.poll():
                         worker.port = int(worker.port_report.recv())
                 if not worker.process.is_alive() and not self.stopping.is_set():
+                    ran_for = time.monotonic() - worker.started
+                    delay = delays[i] = restart_delay(delays[i], ran_for)
                     log.error(
-                        "worker %d (pid %s) exited with %s; restarting in %.0fs",
+                        "worker %d (pid %s) exited with %s after %.0fs; restarting in %.0fs",
                         i,
                         worker.process.pid,
                         worker.process.exitcode,
-                        backoff[i],
+                        ran_for,
+                        delay,
                     )
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), backoff[i])
+                        await asyncio.wait_for(self.stopping.wait(), delay)
                     if not self.stopping.is_set():
                         self.workers[i] = self._start(i)
-                        backoff[i] = min(backoff[i] * 2, RESTART_BACKOFF_MAX)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), 0.2)
 
@@ -162,9 +177,10 @@ class Supervisor:
     async def readyz(self, _: web.Request) -> web.Response:
         """Ready when every worker is; each worker's own report is listed."""
         reports: list[dict[str, Any]] = []
+        live = self._live()
         for worker in self.workers:
             report: dict[str, Any] = {"worker": worker.index, "pid": worker.process.pid, "ready": False}
-            if worker in self._live():
+            if worker in live:
                 try:
                     report |= json.loads((await self._get(worker, "/readyz"))[1])
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

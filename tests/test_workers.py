@@ -129,3 +129,16 @@ async def test_a_worker_that_dies_is_restarted(tansu: TansuBroker, unique_topic,
         router.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(router.wait(), 60)
     assert code == 0, (tmp_path / "router.log").read_text()[-3000:]
+
+
+def test_a_worker_dying_young_waits_longer_each_time_and_one_that_ran_a_while_starts_afresh() -> None:
+    from router.workers import RESTART_BACKOFF_MAX, STABLE_SECONDS, restart_delay
+
+    delays, delay = [], None
+    for _ in range(7):  # crashing at start, again and again
+        delay = restart_delay(delay, ran_for=2.0)
+        delays.append(delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, RESTART_BACKOFF_MAX, RESTART_BACKOFF_MAX]
+    # After a day of work it dies once: back in a second, not after the 30 s its crash loop reached.
+    assert restart_delay(RESTART_BACKOFF_MAX, ran_for=STABLE_SECONDS) == 1.0
+    assert restart_delay(RESTART_BACKOFF_MAX, ran_for=86_400.0) == 1.0
