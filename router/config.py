@@ -56,6 +56,9 @@ class KafkaSettings(Frozen):
     silences_topic: str = Field(default="imm-router-silences", description="silences, compacted")
     inhibitions_topic: str = Field(default="imm-router-inhibitions", description="inhibiting source alerts")
     replication_factor: int = Field(default=1, ge=1, description="of the topics the router creates")
+    # Every version reads both; versions before 2 read only 1, so 1 stays the default for one release and
+    # a rolling upgrade never hands an old owner a record it cannot read (see README, "Upgrading").
+    handoff_format: Literal[1, 2] = Field(default=1, description="2: smaller, and read without parsing the root")
     client_id: str = "imm-router"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, gt=0)

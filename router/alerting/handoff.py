@@ -109,28 +109,27 @@ class Handoff:
         ts = self.source.timestamp_ms
         return ts / 1000 if ts is not None else None
 
-    def encode(self) -> bytes:
+    def encode(self, version: int) -> bytes:
+        """The record's value in wire format ``version`` (1 for owners of versions before 2)."""
         n, src = self.notification, self.source
-        head = jsoncodec.dumps(
-            {
-                "n": {
-                    "event_id": n.event_id,
-                    "event_type": n.event_type,
-                    "rule": n.rule,
-                    "channel": n.channel,
-                    "template": n.template,
-                    "severity": n.severity,
-                    "payload": n.payload,
-                    "summary": n.summary,
-                    "view": n.view,
-                },
-                "seen": self.seen,
-                "src": src.coordinates(),
-            },
-            option=orjson.OPT_NON_STR_KEYS,
-        )
+        notification = {
+            "event_id": n.event_id,
+            "event_type": n.event_type,
+            "rule": n.rule,
+            "channel": n.channel,
+            "template": n.template,
+            "severity": n.severity,
+            "payload": n.payload,
+            "summary": n.summary,
+        }
+        if version == 1:
+            coordinates = src.coordinates() | {"value": _b64(src.value)}
+            doc = {"n": notification, "root": self.root, "seen": self.seen, "src": coordinates}
+            return jsoncodec.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+        head = {"n": notification | {"view": n.view}, "seen": self.seen, "src": src.coordinates()}
+        first = jsoncodec.dumps(head, option=orjson.OPT_NON_STR_KEYS)
         root = self._root_json if self._root is None else self._encode_root()
-        return b"".join((MAGIC, _LENGTHS.pack(len(head), len(root)), head, root, src.value or b""))
+        return b"".join((MAGIC, _LENGTHS.pack(len(first), len(root)), first, root, src.value or b""))
 
     def _encode_root(self) -> bytes:
         root = self._root

@@ -69,9 +69,9 @@ async def replay(config_path: Path, *, source: Path | None, match: str | None, d
                         print(jsoncodec.dumps(notification.route_line()).decode())
                         continue
                     handoff = Handoff(notification, result.root, time.time(), source_record)
-                    await produce(
-                        producer, kafka.notifications_topic, key=notification.channel.encode(), value=handoff.encode()
-                    )
+                    value = handoff.encode(kafka.handoff_format)
+                    key = notification.channel.encode()
+                    await produce(producer, kafka.notifications_topic, key=key, value=value)
                     print(f"handed off: {name} {notification.rule} → {notification.channel}")
     finally:
         if producer is not None:
