@@ -71,9 +71,8 @@ def suppression(
 ) -> tuple[Reason, str] | None:
     """Why this alert must not be sent at ``now`` (silenced, inhibited or muted), or None."""
     n = handoff.notification
-    moment = datetime.fromtimestamp(now, UTC)
     if silences:
-        silence = silences.silenced_by(handoff.root, n.rule, n.channel, moment)
+        silence = silences.silenced_by(handoff.root, n.rule, n.channel, datetime.fromtimestamp(now, UTC))
         if silence is not None:
             return "silenced", f"silence {silence.id} ({silence.match}) by {silence.author}: {silence.comment}"
     why = inhibitions.inhibited_by(
@@ -85,7 +84,8 @@ def suppression(
     )
     if why is not None:
         return "inhibited", why
-    if target is not None:
+    if target is not None and (target.mute_time_intervals or target.active_time_intervals):
+        moment = datetime.fromtimestamp(now, UTC)
         muted = active(target.mute_time_intervals, engine.intervals, moment)
         if muted is not None:
             return "muted", f"inside mute time interval {muted}"

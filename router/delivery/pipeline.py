@@ -94,6 +94,9 @@ class _Lane:
     buffer: deque[_Job] = field(default_factory=deque)  # held back by the rate limit, for a digest
     flusher: asyncio.Task[None] | None = None
     last_error: str = ""
+    # This channel's children of the metrics every delivery updates (a label lookup each, otherwise).
+    sent: Any = None
+    latency: Any = None
 
 
 class Delivery:
@@ -146,6 +149,7 @@ class Delivery:
     def _new_lane(self, name: str, config: ChannelConfigBase, channel: Channel) -> _Lane:
         semaphore = asyncio.Semaphore(config.concurrency)
         lane = _Lane(name, config, _Endpoint(channel), Breaker(clock=self._clock), Scrubber(()), semaphore)
+        lane.sent, lane.latency = self.metrics.sent.labels(name), self.metrics.latency.labels(name)
         self._configure(lane, config)
         return lane
 
@@ -361,9 +365,9 @@ class Delivery:
     def _delivered(self, lane: _Lane, jobs: list[_Job]) -> None:
         now = time.time()
         for job in jobs:
-            self.metrics.sent.labels(lane.name).inc()
+            lane.sent.inc()
             if job.record_time is not None:
-                self.metrics.latency.labels(lane.name).observe(max(0.0, now - job.record_time))
+                lane.latency.observe(max(0.0, now - job.record_time))
             self._dedup.mark(job.notification.dedup_key)
 
     def _given_up(self, job: _Job, reason: str) -> DeliveryFailed:
