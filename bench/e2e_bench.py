@@ -157,8 +157,6 @@ def bench_config(directory: Path, bootstrap: str, topic: str, workers: int = 1) 
                     "fetch_max_wait_ms": FETCH_MAX_WAIT_MS[0],
                 },
                 "service": {
-                    "max_in_flight": 5000,
-                    "max_in_flight_per_partition": 2000,
                     "dedup_ttl_seconds": 0,
                     "workers": workers,
                     # Workers are timed from their group's first commit (see run_workers).
