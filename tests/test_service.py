@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,8 +21,10 @@ import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from router.alerting.topics import TopicSpec, ensure_topics
+from router.config import ServiceSettings
 from router.embedded import start_router
 from router.embedded.broker import TansuBroker
+from router.embedded.demo import demo_records
 from router.embedded.dingtalk import FakeDingTalk
 from router.embedded.smtp import SmtpCapture
 from router.embedded.webhook import WebhookCapture
@@ -421,6 +425,16 @@ async def test_a_stalled_channel_pauses_fetching_instead_of_growing_memory(
         )
     assert service.peak_in_flight <= 40
     assert sorted(r.json()["imm"]["task_id"] for r in webhook.requests.items) == sorted(f"s-{i}" for i in range(n))
+
+
+def test_a_partitions_default_bound_holds_a_whole_fetch_of_typical_imm_events() -> None:
+    # aiokafka drops what it has fetched for a partition paused at its bound: below one fetch, records are
+    # fetched again and again and routing waits on the broker (at 500 a backlog drained at 0.57x of 2,000).
+    fetch_bytes = inspect.signature(AIOKafkaConsumer).parameters["max_partition_fetch_bytes"].default
+    sizes = [len(value) + sum(len(k) + len(v) for k, v in headers) for _, value, headers in demo_records()]
+    bound = ServiceSettings().max_in_flight_per_partition
+    assert bound * statistics.median(sizes) >= fetch_bytes
+    assert ServiceSettings().max_in_flight >= 2 * bound  # two partitions' fetches at least
 
 
 # --- router processes -----------------------------------------------------------------------------
