@@ -427,6 +427,60 @@ async def test_a_stalled_channel_pauses_fetching_instead_of_growing_memory(
     assert sorted(r.json()["imm"]["task_id"] for r in webhook.requests.items) == sorted(f"s-{i}" for i in range(n))
 
 
+async def test_a_stage_at_its_bound_takes_the_next_batch_as_soon_as_one_settles(
+    tansu: TansuBroker, unique_topic
+) -> None:
+    """aiokafka's getmany wakes only for fetched records, and a paused partition is not fetched: a stage at
+    its bound must not sit out a long poll once a batch settles (it waited up to 200 ms per pause, which
+    left routing idle for a third of a backlog's drain)."""
+    from router.metrics import Metrics
+    from router.sources.kafka import Bounds, ConsumerStage
+
+    class Consumer(AIOKafkaConsumer):  # type: ignore[misc]
+        polled_while_paused = asyncio.Event()
+
+        async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None):
+            if self.paused():
+                self.polled_while_paused.set()
+            return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+    topic = unique_topic("bound")
+    await ensure_topics({"bootstrap_servers": tansu.bootstrap_servers}, {topic: TopicSpec(1, compact=False)}, 1)
+    await produce(tansu.bootstrap_servers, topic, [(failed_task(f"b-{i}"), []) for i in range(20)])
+    release, handed = asyncio.Event(), []
+
+    async def route(tp: TopicPartition, records: list[Any]) -> None:
+        handed.append((time.monotonic(), len(records)))
+        if len(handed) == 1:
+            await release.wait()
+
+    consumer = Consumer(
+        bootstrap_servers=tansu.bootstrap_servers,
+        group_id=f"{topic}-group",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=25,
+    )
+    stage = ConsumerStage("route", consumer, Bounds(5, 5, 1.0, 1000, 1.0), Metrics(), batch_handler=route)
+    consumer.subscribe([topic], listener=stage.listener())
+    await consumer.start()
+    stopping = asyncio.Event()
+    running_stage = asyncio.create_task(stage.run(stopping))
+    try:
+        await asyncio.wait_for(consumer.polled_while_paused.wait(), 20)
+        assert [size for _, size in handed] == [5]  # the first 5 held: the stage is at its bound
+        released = time.monotonic()
+        release.set()
+        await wait_until(lambda: len(handed) >= 2, what="the next batch")
+        waited = handed[1][0] - released
+        assert waited < 0.15, f"the next batch came {waited:.3f}s after room was made"
+    finally:
+        stopping.set()
+        await running_stage
+        await asyncio.gather(*stage.tasks)
+        await consumer.stop()
+
+
 def test_a_partitions_default_bound_holds_a_whole_fetch_of_typical_imm_events() -> None:
     # aiokafka drops what it has fetched for a partition paused at its bound: below one fetch, records are
     # fetched again and again and routing waits on the broker (at 500 a backlog drained at 0.57x of 2,000).

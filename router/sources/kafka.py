@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DLQ_PREFIX = "imm-dlq-"
 MAX_BACKOFF = 30.0
+PAUSED_POLL_MS = 10
 
 
 def dead_letter_headers(
@@ -169,7 +170,10 @@ class ConsumerStage:
             # Never take more than the room left, so the bound holds even within one batch.
             room = max(1, min(self.bounds.max_in_flight - self.in_flight, self.bounds.max_in_flight_per_partition))
             try:
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=room)
+                # aiokafka's getmany wakes only for fetched records, and a paused partition is not fetched:
+                # while paused, poll briefly, so a batch that settles makes room at once, not at the timeout.
+                timeout_ms = PAUSED_POLL_MS if self.paused else 200
+                batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=room)
             except KafkaError as exc:
                 log.warning("%s: fetch failed (%s); retrying", self.name, exc)
                 with contextlib.suppress(TimeoutError):
