@@ -104,9 +104,10 @@ class KafkaSettings(Frozen):
 
 class ServiceSettings(Frozen):
     drain_timeout_seconds: float = Field(default=25.0, gt=0, description="SIGTERM: finish in-flight work")
-    # A partition's bound must hold more than one fetch (max_partition_fetch_bytes, ~1,000 IMM events): aiokafka
-    # drops what it fetched for a paused partition, so with a smaller bound most records are fetched more than once and
-    # routing waits on the broker (500 drained a backlog at 0.57x the speed of 2,000).
+    # A partition's bound must hold more than one fetch (max_partition_fetch_bytes: ~1,300 IMM events of the
+    # median seed size). aiokafka drops what it fetched for a paused partition, so with a smaller bound most
+    # records are fetched more than once and routing waits on the broker (500 drained a backlog at 0.57x the
+    # speed of 2,000).
     max_in_flight: int = Field(default=5_000, ge=1, description="records being routed, all partitions")
     max_in_flight_per_partition: int = Field(default=2_000, ge=1)
     max_pending_notifications: int = Field(
